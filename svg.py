@@ -44,6 +44,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import tempfile
+import warnings
+from PIL import Image
 
 # Named constants (imported by the scripts, never retyped).
 PATCH_SIZE = 16  # every encoder here is a /16 patch model (Sec. 3.3)
@@ -124,10 +127,423 @@ SAMPLE_TIME_SHIFT = 1 / 0.15  # official sampling shift 0.15 in reversed time
 # ----------------------------------------------------------------------------------
 # Data: image folders, ADM centre crop, a built-in synthetic dataset
 # ----------------------------------------------------------------------------------
-# <<stage1: data>>
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
+
+
+def _resize_short_side(pil_image, image_size: int):
+    """ADM resize: BOX-halve while the short side is >= 2 * size, then BICUBIC to short side = size."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    return pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+
+
+def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
+    """ADM centre crop (Dhariwal & Nichol 2021): resize the short side, crop the centre. HWC uint8."""
+    arr = np.array(_resize_short_side(pil_image, image_size))
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def random_crop_arr(pil_image, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The official AE training crop (SmallestMaxSize + RandomCrop): short side = size, random window."""
+    arr = np.array(_resize_short_side(pil_image, image_size))
+    top = int(rng.integers(arr.shape[0] - image_size + 1))
+    left = int(rng.integers(arr.shape[1] - image_size + 1))
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> [3, H, W] float in [-1, 1] (the image convention of this file)."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1  # [3,H,W]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images on disk for both stages: class sub-folders (ImageNet train) or one flat folder.
+
+    Layout: root/<class>/**/<image> with classes sorted by name -> labels 0..K-1 (like
+    torchvision), or root/<image> (label 0). Files are found by extension, case-insensitive.
+    crop: "center" = ADM centre crop (stage 2, evaluation), "random" = the official AE
+    training crop. flip: random horizontal flip. Random crops and flips are drawn from
+    (seed, epoch, index), so they do not depend on workers or world size and resume exactly;
+    call set_epoch(e) each epoch. on_error: "raise" stops at an unreadable file naming it;
+    "skip" warns once per file (with its path), counts it in `num_skipped` (per DataLoader
+    worker process) and returns the next readable image instead, so an epoch never crashes.
+    """
+
+    def __init__(self, root, image_size: int, crop: str = "center", flip: bool = False,
+                 on_error: str = "skip", seed: int = 0):
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist: pass a folder of class "
+                                    f"sub-folders (e.g. imagenet/train) or of images, or 'synthetic'")
+        self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
+        self.on_error, self.seed, self.epoch = on_error, seed, 0
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        top_files = self._find(root, recursive=False)
+        if subdirs and top_files:
+            raise ValueError(f"{root!r} holds both images and sub-folders: use class sub-folders "
+                             f"only (labels by folder) or a flat folder of images (label 0)")
+        self.classes = subdirs or [os.path.basename(os.path.normpath(root))]
+        if subdirs:
+            self.samples = [(p, label) for label, c in enumerate(subdirs)
+                            for p in self._find(os.path.join(root, c), recursive=True)]
+        else:
+            self.samples = [(p, 0) for p in top_files]
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found in {root!r}")
+        self.num_skipped, self._warned = 0, set()
+
+    @staticmethod
+    def _find(folder, recursive: bool) -> list:
+        if not recursive:
+            names = (e.path for e in os.scandir(folder) if e.is_file())
+        else:
+            names = (os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+        return sorted(p for p in names if p.lower().endswith(IMAGE_EXTENSIONS))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple:
+        """(image [3, H, W] in [-1, 1], label) for one index; raises on an unreadable file."""
+        path, label = self.samples[index]
+        with Image.open(path) as im:
+            pil = im.convert("RGB")  # forces the full decode, so truncated files fail here
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        arr = (random_crop_arr(pil, self.image_size, rng) if self.crop == "random"
+               else center_crop_arr(pil, self.image_size))
+        if self.flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(arr), label
+
+    def __getitem__(self, index: int) -> tuple:
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return self.load(i)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad image files
+                path = self.samples[i][0]
+                if self.on_error == "raise":
+                    raise RuntimeError(f"cannot read image {path!r}: {e}") from e
+                self.num_skipped += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path!r} ({e}); using the next one")
+        raise RuntimeError(f"no readable image in {self.root!r}")
+
+
+SYNTHETIC_SHAPES = ("disc", "square", "triangle", "stripes", "ring", "cross", "diamond", "checker")
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """A built-in class-labelled image set (no download): one shape type per class.
+
+    Image i has label i % num_classes and shape SYNTHETIC_SHAPES[label], with its colours,
+    position, size and background gradient drawn from (seed, i): the same every time.
+    """
+
+    def __init__(self, num_images: int, image_size: int, num_classes: int = 4, seed: int = 0):
+        if not 1 <= num_classes <= len(SYNTHETIC_SHAPES):
+            raise ValueError(f"SyntheticImages has {len(SYNTHETIC_SHAPES)} shape classes "
+                             f"{SYNTHETIC_SHAPES}; num_classes={num_classes} is out of range")
+        self.num_images, self.image_size = num_images, image_size
+        self.num_classes, self.seed = num_classes, seed
+        self.classes = list(SYNTHETIC_SHAPES[:num_classes])
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> tuple:
+        if not 0 <= index < self.num_images:
+            raise IndexError(index)
+        label = index % self.num_classes
+        rng = np.random.default_rng((self.seed, index))
+        S = self.image_size
+        y, x = np.mgrid[0:S, 0:S].astype(np.float32) / S  # pixel centres in [0, 1)
+        c0, c1, fg = rng.uniform(-1, 1, size=(3, 3)).astype(np.float32)  # two bg colours, shape colour
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5) + 0.71) / 1.42  # in [0, 1]
+        img = c0[:, None, None] + (c1 - c0)[:, None, None] * ramp  # [3,S,S] background gradient
+        r = rng.uniform(0.15, 0.35)
+        cx, cy = rng.uniform(r, 1 - r, size=2)
+        dx, dy = x - cx, y - cy
+        shape = SYNTHETIC_SHAPES[label]
+        if shape == "disc":
+            mask = dx**2 + dy**2 < r**2
+        elif shape == "square":
+            mask = np.maximum(abs(dx), abs(dy)) < r
+        elif shape == "triangle":
+            mask = (dy < r) & (abs(dx) < (dy + r) / 2)
+        elif shape == "stripes":
+            period = rng.uniform(0.08, 0.2)
+            mask = np.sin(2 * np.pi * (np.cos(angle) * x + np.sin(angle) * y) / period) > 0
+        elif shape == "ring":
+            mask = (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.6 * r) ** 2)
+        elif shape == "cross":
+            mask = (np.minimum(abs(dx), abs(dy)) < r / 3) & (np.maximum(abs(dx), abs(dy)) < r)
+        elif shape == "diamond":
+            mask = abs(dx) + abs(dy) < r
+        else:  # checker
+            cell = r / 2
+            mask = (np.maximum(abs(dx), abs(dy)) < r) & ((np.floor(dx / cell) + np.floor(dy / cell)) % 2 == 0)
+        img = np.where(mask[None], fg[:, None, None], img)
+        return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)), label  # [3,S,S] in [-1,1]
+
+
+def build_dataset(spec: str, image_size: int, *, crop: str = "center", flip: bool = False,
+                  on_error: str = "skip", seed: int = 0, num_images: int = 1024,
+                  num_classes: int = 4):
+    """"synthetic" -> SyntheticImages(num_images, image_size, num_classes, seed); else a folder.
+
+    crop/flip/on_error apply to folders; num_images/num_classes to the synthetic set.
+    """
+    if spec == "synthetic":
+        return SyntheticImages(num_images, image_size, num_classes, seed)
+    return ImageFolder(spec, image_size, crop=crop, flip=flip, on_error=on_error, seed=seed)
 
 
 # ----------------------------------------------------------------------------------
 # Script plumbing: distributed setup, precision, EMA, resumable sampler, checkpoints
 # ----------------------------------------------------------------------------------
-# <<stage1: plumbing>>
+PRECISIONS = ("fp32", "tf32", "bf16")  # the one precision switch of every script
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (a single process when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0  # only rank 0 prints and writes
+
+    @property
+    def initialized(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def barrier(self):
+        if self.initialized:
+            torch.distributed.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+        if not self.initialized:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of a tensor over ranks (the tensor itself without a process group)."""
+        if not self.initialized:
+            return x
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        return x / self.world_size
+
+    def close(self):
+        if self.initialized:
+            torch.distributed.destroy_process_group()
+
+
+def init_distributed() -> Dist:
+    """torchrun (env RANK/WORLD_SIZE/LOCAL_RANK) -> a process group, NCCL on CUDA, gloo on CPU.
+
+    Plain `python script.py` -> one process, no process group, cuda:0 if present.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch.distributed.init_process_group("gloo")
+    return Dist(rank, world_size, local_rank, device)
+
+
+def set_seed(seed: int):
+    """Seed python, numpy and torch (CPU and every CUDA device). Scripts pass seed * world + rank."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_precision(precision: str):
+    """fp32: exact fp32 matmuls; tf32 and bf16: TF32 for the fp32 matmuls/convs that remain."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+def autocast(precision: str, device):
+    """The one autocast context: bf16 autocast for "bf16" (CUDA or CPU), a no-op otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw module under DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float):
+    """DiT-style EMA: ema = decay * ema + (1 - decay) * model, parameters and float buffers.
+
+    decay = 0 copies the model (the sync done once at start). Integer buffers (BatchNorm's
+    num_batches_tracked) are copied. `model` may be DDP / compiled; `ema` is a raw copy.
+    """
+    src = dict(unwrap(model).named_parameters())
+    src.update(unwrap(model).named_buffers())
+    dst = dict(ema.named_parameters())
+    dst.update(ema.named_buffers())
+    if src.keys() != dst.keys():
+        raise ValueError(f"EMA and model differ in tensors: {sorted(src.keys() ^ dst.keys())[:5]}")
+    for name, e in dst.items():
+        if e.is_floating_point():
+            e.mul_(decay).add_(src[name].detach(), alpha=1 - decay)
+        else:
+            e.copy_(src[name])
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`.
+
+    A crash at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable (POSIX; not on Windows)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU, CUDA), loadable with weights_only."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict):
+    """Restore what rng_state() returned."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Distributed sampler whose data order is a function of (seed, epoch) and resumes exactly.
+
+    Epoch e visits a permutation of the dataset drawn from seed + e. Rank r takes positions
+    r, r + W, r + 2W, ... of it, so with per-rank batch b = G / W the k-th global batch is
+    always permutation positions [kG, (k+1)G): the same images for any world size W.
+    drop_last=True trims the permutation to a multiple of W; False pads it by wrapping.
+
+    The DataLoader reads indices ahead of training, so progress is reported by the loop:
+    call `advance(n)` after each consumed per-rank batch of n items, and `set_epoch(e + 1)`
+    when an epoch's loader is exhausted. `state_dict()` then holds the exact next batch.
+    """
+
+    def __init__(self, num_items: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        if num_items < world_size:
+            raise ValueError(f"{num_items} items cannot be split over {world_size} ranks")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.num_items, self.world_size, self.rank = num_items, world_size, rank
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.num_samples = (num_items // world_size if drop_last  # per rank, per epoch
+                            else math.ceil(num_items / world_size))
+        self.epoch, self.position = 0, 0
+
+    def indices(self) -> list:
+        """This rank's indices for the current epoch, from its start."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        total = self.num_samples * self.world_size
+        order = (order * math.ceil(total / self.num_items))[:total]  # trim or wrap-pad
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.position:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.position
+
+    def set_epoch(self, epoch: int):
+        self.epoch, self.position = epoch, 0
+
+    def advance(self, n: int):
+        self.position += n
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
+                "seed": self.seed, "num_items": self.num_items}
+
+    def load_state_dict(self, state: dict):
+        """Resume at the next batch; a different world size continues at the same global batch."""
+        if (state["seed"], state["num_items"]) != (self.seed, self.num_items):
+            raise ValueError(
+                f"sampler state is for seed {state['seed']} / {state['num_items']} items, this run "
+                f"has seed {self.seed} / {self.num_items} items: resume with the same data and seed")
+        consumed = state["position"] * state["world_size"]  # global items consumed this epoch
+        if consumed % self.world_size:
+            raise ValueError(f"cannot resume {consumed} consumed items on {self.world_size} ranks: "
+                             f"use a world size that divides it (it was {state['world_size']})")
+        self.epoch, self.position = state["epoch"], consumed // self.world_size
