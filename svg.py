@@ -91,13 +91,229 @@ SAMPLE_TIME_SHIFT = 1 / 0.15  # official sampling shift 0.15 in reversed time
 # ----------------------------------------------------------------------------------
 # LPIPS v0.1 (VGG16): perceptual loss and metric
 # ----------------------------------------------------------------------------------
-# <<stage1: lpips>>
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # = 2 * IMAGENET_MEAN - 1: ImageNet normalisation of (x+1)/2
+LPIPS_SCALE = (0.458, 0.448, 0.450)  # = 2 * IMAGENET_STD
+VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+LPIPS_TAPS = (3, 8, 15, 22, 29)  # torchvision vgg16.features indices of relu1_2, 2_2, 3_3, 4_3, 5_3
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_HEADS_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/master/"
+                   "lpips/weights/v0.1/vgg.pth")
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with a VGG16 trunk (Zhang et al. 2018): the perceptual loss and metric (App. A).
+
+    d(x, y) = sum_l mean_hw( w_l . (n_l(x) - n_l(y))^2 ), n_l = VGG16 activations at tap l
+    unit-normalised over channels. Always frozen and in eval mode. The official heads are
+    Dropout(0.5) + 1x1 conv and taming/LDM train with that dropout active (Lightning calls
+    .train() on the loss module); we keep eval so the loss is deterministic and is exactly
+    the LPIPS metric (the lpips package also builds it in eval mode by default).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
+        layers, c_in = [], 3
+        for v in VGG16_FEATURES:  # named like torchvision's vgg16().features[0:30]
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU()]
+                c_in = v
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: never in train mode
+
+    def taps(self, x: torch.Tensor) -> list:
+        """VGG16 activations at the five LPIPS taps for images in [-1, 1]."""
+        h, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in LPIPS_TAPS:
+                out.append(h.float())  # [B, C_l, H/2^l, W/2^l]; the distance in fp32
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance per image, [B], for x, y [B, 3, H, W] in [-1, 1]."""
+        n = x.shape[0]
+        f = self.taps(torch.cat([x, y]))  # one trunk pass for both
+        d = 0
+        for f_l, lin in zip(f, self.lins):
+            f_l = f_l / (f_l.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
+            d = d + lin((f_l[:n] - f_l[n:]).pow(2)).mean((1, 2, 3))  # [B]
+        return d
+
+
+def _load_state(path, url: str, what: str, how: str) -> dict:
+    """A state dict from `path`, or from `url` via torch.hub when path is None (needs internet)."""
+    if path is None:
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        except Exception as e:  # offline, proxy, ...
+            raise FileNotFoundError(f"no {what} path given and downloading {url} failed ({e}). "
+                                    f"Fetch it and pass {how}") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} not found. Fetch it from {url} and pass {how}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_lpips(vgg_path=None, heads_path=None) -> LPIPS:
+    """LPIPS from torchvision's vgg16-397923af.pth and the LPIPS v0.1 heads vgg.pth (strict).
+
+    vgg_path: keys features.{0,2,...,28}.{weight,bias} (classifier.* is ignored).
+    heads_path: keys lin{0..4}.model.1.weight (the lpips package's weights/v0.1/vgg.pth, also
+    taming-transformers' vgg_lpips; same file). A None path downloads the public file with
+    torch.hub (cached in ~/.cache/torch/hub) and fails with these instructions when offline.
+    """
+    lp = LPIPS()
+    vgg = _load_state(vgg_path, VGG16_URL, "VGG16 (torchvision IMAGENET1K_V1)",
+                      "its path as vgg_path / --lpips-vgg")
+    heads = _load_state(heads_path, LPIPS_HEADS_URL, "LPIPS v0.1 VGG heads (vgg.pth, 7 KB)",
+                        "its path as heads_path / --lpips-heads (it also ships in `pip download "
+                        "lpips --no-deps`, lpips/weights/v0.1/vgg.pth)")
+    if any(k.startswith("lin") for k in vgg):
+        raise ValueError(f"{vgg_path!r} holds LPIPS heads, not VGG16: pass it as heads_path / --lpips-heads")
+    trunk = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
+    unexpected = [k for k in vgg if not k.startswith(("features.", "classifier."))]
+    expected = lp.features.state_dict().keys()
+    missing = sorted(expected - trunk.keys())
+    if missing or unexpected or trunk.keys() != expected:
+        raise ValueError(f"{vgg_path!r} is not torchvision's vgg16 state dict: missing "
+                         f"{['features.' + k for k in missing][:4]}, unexpected "
+                         f"{(unexpected + ['features.' + k for k in trunk.keys() - expected])[:4]}. "
+                         f"Expected keys features.{{0,2,...,28}}.{{weight,bias}} ({VGG16_URL})")
+    head_keys = [f"lin{i}.model.1.weight" for i in range(len(LPIPS_CHANNELS))]
+    if sorted(heads) != head_keys:
+        raise ValueError(f"{heads_path!r} is not the LPIPS v0.1 heads file: keys {sorted(heads)[:6]}, "
+                         f"expected exactly {head_keys} (lpips/weights/v0.1/vgg.pth)")
+    try:
+        lp.features.load_state_dict(trunk)
+        lp.lins.load_state_dict({f"{i}.weight": heads[k] for i, k in enumerate(head_keys)})
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"LPIPS weights have the wrong shapes: {e}") from e
+    return lp
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image, [B], for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (x.float() - y.float()).pow(2).mean((1, 2, 3))
+    return 10 * torch.log10(4 / mse.clamp_min(1e-12))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per image, [B] (Wang et al. 2004): Gaussian 11x11 window, sigma 1.5, K = (0.01, 0.03).
+
+    Images in [-1, 1] (data range 2, the same constants as 255 on uint8); each channel
+    separately with 'valid' filtering (no padding), averaged over pixels and channels.
+    """
+    x, y = x.float(), y.float()
+    C = x.shape[1]
+    g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - window // 2) ** 2
+                  / (2 * sigma**2))
+    g = (g / g.sum()).view(1, 1, -1)
+    w = (g.transpose(1, 2) @ g).expand(C, 1, window, window)  # [C,1,k,k] separable Gaussian
+
+    def blur(t):
+        return F.conv2d(t, w, groups=C)  # [B,C,H-k+1,W-k+1]
+
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.mean((1, 2, 3))
 
 
 # ----------------------------------------------------------------------------------
 # PatchGAN discriminator and the stage-1 reconstruction loss (App. A)
 # ----------------------------------------------------------------------------------
-# <<stage1: patchgan and loss>>
+PERCEPTUAL_WEIGHT = 1.0  # LPIPS weight in the reconstruction loss (official)
+DISC_WEIGHT = 0.5  # scale of the adaptive GAN weight (official)
+ADAPTIVE_WEIGHT_MAX = 1e4  # clamp of ||grad nll|| / ||grad g|| (LDM)
+ADAM_BETAS_GAN = (0.5, 0.9)  # Adam betas of both the autoencoder and the discriminator (App. A)
+
+
+class PatchGAN(nn.Module):
+    """PatchGAN discriminator D (Isola et al. 2017; taming's NLayerDiscriminator) of the AE loss.
+
+    3 stride-2/1 conv layers with BatchNorm and LeakyReLU(0.2), ndf 64: 70x70 receptive field,
+    one real/fake logit per patch ([B, 1, 30, 30] for 256 px). Keys main.{0,2,3,5,...,11}.*
+    match taming, so its weights load directly. BatchNorm uses per-process batch statistics.
+    """
+
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        c = ndf
+        for i in range(1, n_layers + 1):  # the last one has stride 1
+            c_out = ndf * min(2**i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # taming's weights_init (conv biases keep PyTorch's default)
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)  # [B,3,H,W] -> [B,1,H/8-2,W/8-2] patch logits
+
+
+def reconstruction_loss(x, x_hat, lpips=None, perceptual_weight: float = PERCEPTUAL_WEIGHT):
+    """The LDM reconstruction term: sum over pixels of |x - x_hat| + w * LPIPS(x, x_hat), / B.
+
+    The official loss divides by exp(logvar) and adds logvar, but logvar is in no optimiser
+    and stays 0, so it is dropped. LPIPS [B] broadcasts over all 3HW pixels before the sum,
+    as officially (so LPIPS weighs 3HW times more than its mean would). Returns (nll, l1,
+    lpips) with l1 and lpips as batch means for logging (lpips 0 when no LPIPS is given).
+    """
+    B = x.shape[0]
+    l1 = (x - x_hat).abs()  # [B,3,H,W]
+    p = lpips(x, x_hat) if lpips is not None else torch.zeros(B, device=x.device)  # [B]
+    nll = (l1 + perceptual_weight * p.view(B, 1, 1, 1)).sum() / B
+    return nll, l1.mean().detach(), p.mean().detach()
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss 0.5 (E relu(1 - D(x)) + E relu(1 + D(x_hat)))."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator term -E D(x_hat)."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(nll, g_loss, last_layer: torch.Tensor, disc_weight: float = DISC_WEIGHT):
+    """LDM's GAN balance ||grad_W nll|| / (||grad_W g|| + 1e-4), clamped [0, 1e4], detached, x 0.5.
+
+    W is the decoder's last conv weight. Gradients are this process's (as officially under DDP).
+    """
+    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = g_nll.norm() / (g_gan.norm() + 1e-4)
+    return w.clamp(0, ADAPTIVE_WEIGHT_MAX).detach() * disc_weight
+
+
+def gan_active(step: int, disc_start: int) -> bool:
+    """Both the generator term and D training are on from iteration `disc_start` (0-based).
+
+    Here one iteration = one AE step + one D step. The official trainer compares Lightning's
+    global_step, which ticks once per optimiser step (twice per iteration), so its
+    disc_start 5001 switches the GAN on near iteration 2500; the paper preset uses 2500.
+    """
+    return step >= disc_start
 
 
 # ----------------------------------------------------------------------------------
