@@ -763,3 +763,17 @@ class ResumableSampler(torch.utils.data.Sampler):
             raise ValueError(f"cannot resume {consumed} consumed items on {self.world_size} ranks: "
                              f"use a world size that divides it (it was {state['world_size']})")
         self.epoch, self.position = state["epoch"], consumed // self.world_size
+
+
+def save_image_grid(rows, path, pad: int = 2):
+    """Write images in [-1, 1] as one PNG: `rows` is a list of [N, 3, H, W] tensors, one per row."""
+    rows = [((r.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for r in rows]
+    N, _, H, W = rows[0].shape
+    grid = torch.full((3, len(rows) * (H + pad) + pad, N * (W + pad) + pad), 255, dtype=torch.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            top, left = pad + i * (H + pad), pad + j * (W + pad)
+            grid[:, top:top + H, left:left + W] = im
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # [H_grid, W_grid, 3]
