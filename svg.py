@@ -693,7 +693,8 @@ def import_official_autoencoder(state_dict, cfg=AE_PRESETS["paper"]):
             v = v.reshape(1, RESIDUAL_DIM, 1, 1)  # official [1, 8, 1] over tokens
         sd["residual." + k[len("extra_vit."):] if k.startswith("extra_vit.") else k] = v  # torchvision ViT names
     model = SVGAutoencoder(cfg)
-    load_strict(model, sd, f"the official SVG autoencoder checkpoint as {cfg}")
+    load_strict(model, sd, f"the official SVG autoencoder checkpoint into SVGAutoencoder({cfg.dino_arch}, "
+                           f"use_residual={cfg.use_residual}, image_size={cfg.image_size})")
     return model.eval().requires_grad_(False)
 
 
@@ -727,7 +728,8 @@ def load_autoencoder(path_or_dict, dino_weights=None):
     if prefix == "encoder.":
         return import_official_autoencoder(sd, cfg)
     model = SVGAutoencoder(cfg)
-    load_strict(model, sd, f"the stage-1 checkpoint (ae_config {cfg})")
+    load_strict(model, sd, f"the stage-1 checkpoint into SVGAutoencoder({cfg.dino_arch}, "
+                           f"use_residual={cfg.use_residual}, image_size={cfg.image_size})")
     return model.eval().requires_grad_(False)
 
 
