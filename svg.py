@@ -254,8 +254,8 @@ class DinoV3(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def _blocks(self, x, last):
-        """Run blocks 0..last; return the list of raw (pre-norm) outputs, all tokens [B, N, C]."""
+    def _blocks(self, x, take):
+        """Raw (pre-norm) outputs [B, N, C], all tokens, of the 0-based blocks listed in take."""
         check_images(x, "DINOv3 input")
         h, w = x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE
         B = x.shape[0]
@@ -263,14 +263,14 @@ class DinoV3(nn.Module):
         prefix = torch.cat([self.cls_token, self.storage_tokens], 1).expand(B, -1, -1)  # [B, 5, C]
         tokens = torch.cat([prefix.to(tokens.dtype), tokens], 1)  # [B, 5 + hw, C]
         rope = self.rope_embed(h, w)
-        outs = []
-        for blk in self.blocks[: last + 1]:
+        outs = {}
+        for i, blk in enumerate(self.blocks[: max(take) + 1]):  # stop after the last block needed
             tokens = blk(tokens, rope)
-            outs.append(tokens)
-        return outs
+            outs[i] = tokens
+        return [outs[i] for i in take]
 
     def forward_features(self, x):
-        x_prenorm = self._blocks(x, len(self.blocks) - 1)[-1]
+        x_prenorm = self._blocks(x, [len(self.blocks) - 1])[0]
         x_norm = self.norm(x_prenorm)
         R = DINOV3_NUM_REGISTERS
         return dict(x_norm_clstoken=x_norm[:, 0], x_storage_tokens=x_norm[:, 1:1 + R],
@@ -286,8 +286,7 @@ class DinoV3(nn.Module):
         take = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
         if not take or min(take) < 0 or max(take) >= depth:
             raise ValueError(f"block indices {take} out of range for a {depth}-block DINOv3")
-        outs = self._blocks(x, max(take))
-        outs = [self.norm(outs[i]) if norm else outs[i] for i in take]
+        outs = [self.norm(o) if norm else o for o in self._blocks(x, take)]
         R, (B, _, H, W) = DINOV3_NUM_REGISTERS, x.shape
         cls, extra = [o[:, 0] for o in outs], [o[:, 1:1 + R] for o in outs]
         patches = [o[:, 1 + R:] for o in outs]  # [B, hw, C]
@@ -332,17 +331,6 @@ def _dinov3_from_hf(sd):
     return out
 
 
-def _guess_dinov3_arch(sd):
-    """Name the DINOV3_ARCHS entry whose size matches an official-layout state dict (or None)."""
-    if "cls_token" not in sd:
-        return None
-    embed = sd["cls_token"].shape[-1]
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    ffn = "swiglu" if any(".mlp.w1." in k for k in sd) else "mlp"
-    return next((n for n, a in DINOV3_ARCHS.items()
-                 if (a["embed_dim"], a["depth"], a["ffn"]) == (embed, depth, ffn)), None), (embed, depth, ffn)
-
-
 def dinov3_state_dict(sd, arch):
     """Any supported DINOv3 layout (Meta .pth, HF safetensors / .bin) -> Meta's keys, checked for arch."""
     a = DINOV3_ARCHS[arch]
@@ -352,10 +340,13 @@ def dinov3_state_dict(sd, arch):
     sd = dict(sd)
     if "rope_embed.periods" in sd:
         sd["rope_embed.periods"] = sd["rope_embed.periods"].float()  # released file: bf16
-    guess = _guess_dinov3_arch(sd)
-    if guess is not None:
-        name, (embed, depth, ffn) = guess
+    if "cls_token" in sd:  # name the arch the file was made for when it is not `arch`
+        embed = sd["cls_token"].shape[-1]
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        ffn = "swiglu" if any(".mlp.w1." in k for k in sd) else "mlp"
         if (embed, depth, ffn) != (a["embed_dim"], a["depth"], a["ffn"]):
+            name = next((n for n, b in DINOV3_ARCHS.items()
+                         if (b["embed_dim"], b["depth"], b["ffn"]) == (embed, depth, ffn)), None)
             hint = f"this looks like a {name} checkpoint; pass arch={name!r}" if name else \
                 "it matches no entry of DINOV3_ARCHS"
             raise ValueError(f"DINOv3 weights have embed {embed}, {depth} blocks, {ffn} FFN but arch={arch!r} "
@@ -482,7 +473,7 @@ def align_residual(f_r, f_d, per_image=False, eps=1e-6):
 # ----------------------------------------------------------------------------------
 # SVG decoder: the LDM / VA-VAE convolutional decoder (Sec. 3.3)
 # ----------------------------------------------------------------------------------
-def Normalize(channels):
+def group_norm(channels):
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 
@@ -491,16 +482,15 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, c_in, c_out, dropout=0.0):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.dropout = Normalize(c_out), nn.Dropout(dropout)
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.dropout = group_norm(c_out), nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        if c_in != c_out:
-            self.nin_shortcut = nn.Conv2d(c_in, c_out, 1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))  # [B, c_out, H, W]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+        return self.nin_shortcut(x) + h
 
 
 class AttnBlock(nn.Module):
@@ -508,7 +498,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.norm = Normalize(c)
+        self.norm = group_norm(c)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
@@ -557,12 +547,11 @@ class Decoder(nn.Module):
                 block_in = block_out
                 if res in attn_resolutions:
                     level.attn.append(AttnBlock(block_in))
-            if i_level != 0:
-                level.upsample = Upsample(block_in)
-                res *= 2
+            level.upsample = Upsample(block_in) if i_level != 0 else nn.Identity()
+            res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)  # indexed by level: up[0] is full resolution
-        self.norm_out = Normalize(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z):
@@ -573,8 +562,7 @@ class Decoder(nn.Module):
                 h = block(h)
                 if len(level.attn):
                     h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)  # [B, C, 2h, 2w]
+            h = level.upsample(h)  # [B, C, 2h, 2w] (identity at full resolution)
         return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 16h, 16w]
 
 
@@ -715,7 +703,10 @@ def load_autoencoder(path_or_dict, dino_weights=None):
         cfg, sd = AEConfig(**ckpt["ae_config"]), dict(ckpt["ae"])
         prefix = "dino."
     elif "state_dict" in ckpt or any(k.startswith("extra_vit.") or k.startswith("encoder.") for k in ckpt):
-        cfg, sd, prefix = AE_PRESETS["paper"], dict(ckpt.get("state_dict", ckpt)), "encoder."
+        sd, prefix = dict(ckpt.get("state_dict", ckpt)), "encoder."
+        cfg = AE_PRESETS["paper"]
+        if "mask_token" not in sd:  # trained without mask augmentation (official mask_ratio -1)
+            cfg = AEConfig(**{**asdict(cfg), "mask_prob": 0.0})
     else:
         raise ValueError(f"unrecognised autoencoder checkpoint (top-level keys {list(ckpt)[:6]}): expected a stage-1 "
                          "checkpoint with 'ae_config' and 'ae', or an official Lightning .ckpt with 'state_dict'")

@@ -234,6 +234,9 @@ def test_official_checkpoint_import(tmp_path, monkeypatch):
             torch.testing.assert_close(m.encode(x), z, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(m.decode(z), ae.decode(z), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loaded.mask_token, ae.mask_token)
+    ckpt = official_checkpoint(ae)
+    del ckpt["state_dict"]["mask_token"]  # official runs with mask_ratio -1 have no token
+    assert not hasattr(svg.load_autoencoder(ckpt), "mask_token")
 
 
 def test_official_checkpoint_errors_name_keys():
