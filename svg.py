@@ -842,19 +842,22 @@ def load_lpips(vgg_path=None, heads_path=None) -> LPIPS:
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per image, [B], for images in [-1, 1] (peak-to-peak 2)."""
-    mse = (x.float() - y.float()).pow(2).mean((1, 2, 3))
-    return 10 * torch.log10(4 / mse.clamp_min(1e-12))
+    mse = (x.double() - y.double()).pow(2).mean((1, 2, 3))  # [B]
+    return 10 * torch.log10(4 / mse.clamp_min(1e-20))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """SSIM per image, [B] (Wang et al. 2004): Gaussian 11x11 window, sigma 1.5, K = (0.01, 0.03).
 
-    Images in [-1, 1] (data range 2, the same constants as 255 on uint8); each channel
-    separately with 'valid' filtering (no padding), averaged over pixels and channels.
+    Images in [-1, 1] (data range 2: the same value as data range 255 on [0, 255]); each
+    channel separately with 'valid' filtering (no padding), population (co)variances, averaged
+    over positions and channels, in float64. For uint8 images u pass u / 127.5 - 1.
     """
-    x, y = x.float(), y.float()
-    C = x.shape[1]
-    g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - window // 2) ** 2
+    B, C, H, W = x.shape  # batch, channels, height, width
+    if min(H, W) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window}, got {H}x{W}")
+    x, y = x.double(), y.double()
+    g = torch.exp(-(torch.arange(window, dtype=torch.float64, device=x.device) - window // 2) ** 2
                   / (2 * sigma**2))
     g = (g / g.sum()).view(1, 1, -1)
     w = (g.transpose(1, 2) @ g).expand(C, 1, window, window)  # [C,1,k,k] separable Gaussian

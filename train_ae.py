@@ -44,11 +44,11 @@ PRESETS = {
     # App. A / official config: 256 px, 64 per GPU x 8 GPUs, lr 1e-4, 100K iterations (~40
     # ImageNet epochs, the official epoch=000040.ckpt), SmallestMaxSize + RandomCrop, no flip.
     # disc_start 2500 iterations = the official 5001 Lightning steps (two per iteration).
-    "paper": dict(data=None, global_batch=512, steps=100_000, disc_start=2500, crop="random",
+    "paper": dict(data=None, global_batch=512, steps=100_000, lr=1e-4, disc_start=2500, crop="random",
                   num_synthetic=0, num_workers=8, num_eval=256, log_every=50, sample_every=2500,
                   eval_every=5000, ckpt_every=5000),
     # AE_PRESETS["tiny"] at 64 px on the built-in synthetic shapes: minutes on a 2-core CPU.
-    "tiny": dict(data="synthetic", global_batch=8, steps=300, disc_start=200, crop="center",
+    "tiny": dict(data="synthetic", global_batch=8, steps=300, lr=3e-4, disc_start=200, crop="center",
                  num_synthetic=2048, num_workers=0, num_eval=16, log_every=10, sample_every=100,
                  eval_every=100, ckpt_every=150),
 }
@@ -64,12 +64,13 @@ def parse_args(argv=None):
     p.add_argument("--val-data", help="held-out images (folder or 'synthetic'); default: the last "
                                       "--num-eval images of --data, excluded from training")
     p.add_argument("--out", help="output folder (default runs/ae-<preset>)")
-    p.add_argument("--dino-weights", help="DINOv3 .pth / HF safetensors (random DINO without it: tiny only)")
+    p.add_argument("--dino-weights", help="DINOv3 .pth / HF safetensors (random DINO without it: tiny "
+                                          "only; a resumed run takes DINO from its checkpoint)")
     p.add_argument("--lpips-vgg", help="torchvision vgg16-397923af.pth")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 heads vgg.pth")
     p.add_argument("--global-batch", type=int)
     p.add_argument("--steps", type=int, help="training iterations")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam lr of the AE and the discriminator")
+    p.add_argument("--lr", type=float, help="Adam lr of the AE and the discriminator")
     p.add_argument("--disc-start", type=int, help="first iteration (0-based) with the GAN terms")
     p.add_argument("--disc-weight", type=float, default=DISC_WEIGHT)
     p.add_argument("--crop", choices=["center", "random"])
@@ -202,23 +203,23 @@ def main(argv=None):
         f"({batch} per rank), {args.precision}, args {vars(args)}")
     log(f"AEConfig {dataclasses.asdict(cfg)}")
 
-    # ---- data: training images, held-out images (center crop) for metrics and grids
+    # ---- data: training images; held-out images (centre crop) for metrics and grids are the
+    # last --num-eval of --val-data, or else of --data (then excluded from training)
     size = cfg.image_size
-    if args.data == "synthetic":
-        n_total = args.num_synthetic + (0 if args.val_data else args.num_eval)
-    else:
-        n_total = 0
+    hold_out = 0 if args.val_data else args.num_eval
+    n_images = args.num_synthetic + hold_out  # used by the synthetic set only
     train_set = build_dataset(args.data, size, crop=args.crop, flip=args.flip, on_error=args.on_error,
-                              seed=args.seed, num_images=n_total)
-    n_train = len(train_set) - (0 if args.val_data else args.num_eval)
+                              seed=args.seed, num_images=n_images)
+    n_train = len(train_set) - hold_out
     if n_train < args.global_batch:
         raise ValueError(f"{n_train} training images is less than one global batch ({args.global_batch})")
     eval_set = build_dataset(args.val_data or args.data, size, crop="center", on_error=args.on_error,
-                             seed=args.seed, num_images=args.num_eval if args.val_data else n_total)
+                             seed=args.seed + bool(args.val_data),  # synthetic --val-data: other images
+                             num_images=args.num_eval if args.val_data else n_images)
     if args.num_eval > len(eval_set):
         raise ValueError(f"--num-eval {args.num_eval} exceeds the {len(eval_set)} held-out images")
-    eval_ids = range(len(eval_set) - args.num_eval, len(eval_set)) if not args.val_data else range(args.num_eval)
-    eval_images = torch.stack([eval_set[i][0] for i in eval_ids]) if dist.is_main else None
+    eval_images = (torch.stack([eval_set[i][0] for i in range(len(eval_set) - args.num_eval, len(eval_set))])
+                   if dist.is_main else None)  # [num_eval, 3, H, W]
     sampler = ResumableSampler(n_train, dist.world_size, dist.rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,

@@ -99,6 +99,13 @@ def test_resume_continues_exactly(straight, tmp_path):
     for sa, sb in zip(a["opt_ae"]["state"].values(), b["opt_ae"]["state"].values()):
         assert_same_state(sa, sb)
     assert "resumed from" in (tmp_path / "log.txt").read_text()
+    with pytest.raises(ValueError, match="was trained with AEConfig.*use the same --preset / --ae-set"):
+        run(tmp_path, "--steps", 7, "--ae-set", "align=none", "--resume", "auto")
+
+
+def test_bf16_autocast_step_with_gan(tmp_path):
+    hist = run(tmp_path, "--steps", 2, "--disc-start", 1, "--precision", "bf16")["history"]
+    assert hist[1]["gan"] and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in hist)
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
