@@ -48,7 +48,7 @@ PRESETS = {
                   num_synthetic=0, num_workers=8, num_eval=256, log_every=50, sample_every=2500,
                   eval_every=5000, ckpt_every=5000),
     # AE_PRESETS["tiny"] at 64 px on the built-in synthetic shapes: minutes on a 2-core CPU.
-    "tiny": dict(data="synthetic", global_batch=8, steps=300, lr=3e-4, disc_start=200, crop="center",
+    "tiny": dict(data="synthetic", global_batch=8, steps=300, lr=1e-3, disc_start=200, crop="center",
                  num_synthetic=2048, num_workers=0, num_eval=16, log_every=10, sample_every=100,
                  eval_every=100, ckpt_every=150),
 }
