@@ -36,7 +36,7 @@ from svg import (
     SVGAutoencoder, adaptive_weight, align_residual, atomic_save, autocast, build_dataset,
     gan_active, generator_loss, hinge_d_loss, init_distributed, load_dinov3, load_lpips,
     load_strict, psnr, reconstruction_loss, rng_state, save_image_grid, set_rng_state, set_seed,
-    setup_precision, ssim, unwrap,
+    setup_precision, ssim,
 )
 
 # Defaults per preset; any flag given on the command line wins.
