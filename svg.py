@@ -575,9 +575,9 @@ class AEConfig:
 
     dino_arch: str = "dinov3_vits16plus"
     image_size: int = 256  # training size: sizes the residual pos-embedding and decoder attention
-    dino_layer: int | None = None  # None: last block, normed; k: block k (0-based), normed (App. E, Table 6)
+    dino_layer: int | None = None  # None: last block; k: block k, 0-based (Table 6: 4, 8, 11); both normed
     use_residual: bool = True  # False: DINO-only features (Table 4, row 1)
-    align: str = "batch"  # Eq. (6) statistics over the batch ("batch"), per image ("image"), "none" (Table 4, row 2)
+    align: str = "batch"  # Eq. (6) stats over the "batch" (official) or per "image"; "none": Table 4, row 2
     mask_prob: float = 0.1  # stage-1 training: replace a sample's whole F_R by a learned token
     residual_depth: int = 6
     residual_width: int = 384
@@ -625,8 +625,8 @@ class SVGAutoencoder(nn.Module):
         self.feature_dim = self.dino.embed_dim + (RESIDUAL_DIM if cfg.use_residual else 0)  # 392 / 384
         self.decoder = Decoder(self.feature_dim, cfg.decoder_ch, cfg.decoder_ch_mult, cfg.decoder_num_res_blocks,
                                cfg.decoder_attn_resolutions, cfg.image_size, cfg.decoder_dropout)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode=True):
         super().train(mode)
@@ -646,7 +646,7 @@ class SVGAutoencoder(nn.Module):
     def encode(self, x):
         """Images in [-1, 1], [B, 3, H, W] -> SVG features [B, C, H/16, W/16], DINO channels first."""
         check_images(x, "encode input")
-        x = ((x + 1) / 2 - self.mean) / self.std  # ImageNet normalisation, the input of both encoders
+        x = ((x + 1) / 2 - self.imagenet_mean) / self.imagenet_std  # the input of both encoders
         f_d = self.dino_features(x)  # [B, 384, h, w]
         if self.residual is None:
             return f_d
@@ -661,9 +661,9 @@ class SVGAutoencoder(nn.Module):
     def decode(self, z):
         """SVG features [B, C, h, w] -> images [B, 3, 16h, 16w] (about [-1, 1], not clamped)."""
         if z.ndim != 4 or z.shape[1] != self.feature_dim:
-            kind = ("DINO + residual" if self.cfg.use_residual else "DINO-only")
-            hint = " (384 = DINO-only features, 392 = DINO + 8 residual channels)" \
-                if {int(z.shape[1]) if z.ndim == 4 else -1, self.feature_dim} == {384, 392} else ""
+            kind = "DINO + residual" if self.cfg.use_residual else "DINO-only"
+            hint = " (384 = DINO-only features, 392 = DINO + 8 residual channels: decode with the autoencoder " \
+                "that made them)" if z.ndim == 4 and {z.shape[1], self.feature_dim} == {384, 392} else ""
             raise ValueError(f"decode expects z of shape [B, {self.feature_dim}, h, w] ({kind} autoencoder), "
                              f"got {tuple(z.shape)}{hint}")
         return self.decoder(z)
@@ -687,7 +687,7 @@ def import_official_autoencoder(state_dict, cfg=AE_PRESETS["paper"]):
 
 
 def load_autoencoder(path_or_dict, dino_weights=None):
-    """Frozen eval SVGAutoencoder from a stage-1 checkpoint ("ae_config", "ae") or an official .ckpt.
+    """Frozen eval SVGAutoencoder from a stage-1/2 checkpoint ("ae_config", "ae") or an official .ckpt.
 
     dino_weights: a DINOv3 file (see load_dinov3) that replaces the checkpoint's DINO weights;
     required when the checkpoint was saved without them. Only load checkpoints you trust

@@ -146,7 +146,8 @@ def test_mask_augmentation_only_in_training():
         z_train = ae.train().encode(x)
         z_eval = ae.eval().encode(x)
     torch.testing.assert_close(z_train[:, 128:], ae.mask_token.expand(2, 8, 4, 4))  # whole F_R replaced
-    torch.testing.assert_close(z_eval[:, 128:], ae.residual(((x + 1) / 2 - ae.mean) / ae.std))  # naive concat
+    x_in = ((x + 1) / 2 - ae.imagenet_mean) / ae.imagenet_std
+    torch.testing.assert_close(z_eval[:, 128:], ae.residual(x_in))  # align "none": naive concat
     assert not hasattr(svg.SVGAutoencoder(dataclasses.replace(TINY, mask_prob=0.0)), "mask_token")
 
 
@@ -155,7 +156,8 @@ def test_dino_only_and_intermediate_layer():
     assert ae.residual is None and ae.feature_dim == 128
     x = images(1)
     with torch.no_grad():
-        ref = ae.dino.get_intermediate_layers(((x + 1) / 2 - ae.mean) / ae.std, n=[0], reshape=True)[0]
+        x_in = ((x + 1) / 2 - ae.imagenet_mean) / ae.imagenet_std
+        ref = ae.dino.get_intermediate_layers(x_in, n=[0], reshape=True)[0]
         torch.testing.assert_close(ae.encode(x), ref)
     assert [n for n, _ in ae.named_parameters() if not n.startswith(("dino.", "decoder."))] == []
 
@@ -183,9 +185,10 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_decode_384_vs_392_message():
-    ae = svg.SVGAutoencoder(svg.AE_PRESETS["tiny"])  # ViT-S/16+: 392 channels
+    with torch.device("meta"):  # the check runs before any compute
+        ae = svg.SVGAutoencoder(svg.AE_PRESETS["tiny"])  # ViT-S/16+: 392 channels
     with pytest.raises(ValueError, match=r"384 = DINO-only features, 392 = DINO \+ 8 residual"):
-        ae.decode(torch.zeros(1, 384, 4, 4))
+        ae.decode(torch.zeros(1, 384, 4, 4, device="meta"))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -265,7 +268,8 @@ def test_dino_weights_replace_or_supply_dino(tmp_path):
 def test_load_autoencoder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*missing.pt' not found: pass a stage-1 checkpoint"):
         svg.load_autoencoder(str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match=r"unrecognised autoencoder checkpoint \(top-level keys \['model', 'ema'\]"):
+    with pytest.raises(ValueError, match=r"unrecognised autoencoder checkpoint \(top-level keys "
+                                         r"\['model', 'ema'\]"):
         svg.load_autoencoder({"model": {}, "ema": {}})
     sd = svg.SVGAutoencoder(TINY).state_dict()
     sd["decoder.conv_in.weight"] = sd["decoder.conv_in.weight"][:, :128]
