@@ -184,7 +184,7 @@ DINOV3_ARCHS = {  # dinov3/hub/backbones.py; all: patch 16, 4 registers, RoPE ba
     "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp", ffn_hidden=3072),
     "dinov3_tiny": dict(embed_dim=128, depth=2, num_heads=2, ffn="swiglu", ffn_hidden=256),  # tests
 }
-DINOV3_FILES = {  # Meta's release names (request access at https://ai.meta.com/dinov3/)
+DINOV3_FILES = {  # Meta's release names (access form linked from github.com/facebookresearch/dinov3)
     "dinov3_vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
     "dinov3_vits16plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
     "dinov3_vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
@@ -377,8 +377,9 @@ def load_dinov3(path, arch="dinov3_vits16plus"):
         hf = "facebook/" + arch.replace("_", "-") + "-pretrain-lvd1689m"
         raise FileNotFoundError(
             f"DINOv3 weights not found at {path!r}. Fetch {DINOV3_FILES.get(arch, 'the ' + arch + ' .pth')} "
-            f"from Meta's DINOv3 download form (https://ai.meta.com/dinov3/) or model.safetensors from the "
-            f"Hugging Face repo {hf}, then pass its path (e.g. --dino-weights /path/to/file).")
+            f"via Meta's download form (linked from https://github.com/facebookresearch/dinov3) or "
+            f"model.safetensors from the gated Hugging Face repo {hf}, then pass its path "
+            f"as load_dinov3(path, arch={arch!r}) or load_autoencoder(ckpt, dino_weights=path).")
     model = DinoV3(arch)
     load_strict(model, dinov3_state_dict(_read_weights(path), arch), f"{path} as {arch}")
     return model.eval().requires_grad_(False)
