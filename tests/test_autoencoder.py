@@ -86,7 +86,7 @@ def test_align_per_image_is_independent_of_the_batch():
     for i in range(3):
         one = svg.align_residual(f_r[i:i + 1], f_d[i:i + 1])  # batch mode on one image = per-image stats
         torch.testing.assert_close(out[i:i + 1], one)
-        mu, sd = official_stats(out[i:i + 1].flatten(2))
+        _, sd = official_stats(out[i:i + 1].flatten(2))
         torch.testing.assert_close(sd, official_stats(f_d[i:i + 1].flatten(2))[1], atol=1e-5, rtol=0)
     assert not torch.allclose(out, svg.align_residual(f_r, f_d))
 
@@ -114,7 +114,7 @@ def test_encode_layout_dino_first_and_imagenet_normalised():
     with torch.no_grad():
         f_d = ae.dino.forward_features(((x + 1) / 2 - mean) / std)["x_norm_patchtokens"]  # [B, hw, C]
     torch.testing.assert_close(z[:, :128], f_d.transpose(1, 2).reshape(2, 128, 4, 4))
-    mu_r, sd_r = official_stats(z[:, 128:].flatten(2))  # residual channels aligned to DINO (batch stats)
+    _, sd_r = official_stats(z[:, 128:].flatten(2))  # residual channels aligned to DINO (batch stats)
     torch.testing.assert_close(sd_r, official_stats(z[:, :128].flatten(2))[1], atol=1e-5, rtol=0)
     assert ae.decode(z).shape == (2, 3, 64, 64)
 
@@ -130,7 +130,7 @@ def test_encode_per_image_alignment_gives_batch_independent_features():
 def test_dino_stays_frozen_and_eval_while_training():
     ae = svg.SVGAutoencoder(TINY).train()
     assert ae.training and ae.residual.training and not ae.dino.training
-    ae.decode(ae.encode(images())).square().mean().backward()
+    ae.decode(ae.encode(images(2, 32, 32))).square().mean().backward()
     assert all(p.grad is None for p in ae.dino.parameters())
     trainable = ae.trainable_parameters()
     assert sum(p.numel() for p in trainable) == (sum(p.numel() for p in ae.residual.parameters())
