@@ -39,7 +39,7 @@ def _mc_velocity(gm, x_t, t, y, num=200_000, seed=0):
 
 
 @pytest.mark.parametrize("geometry", vf.GEOMETRIES)
-@pytest.mark.parametrize("t", [0.35, 0.6, 0.9])
+@pytest.mark.parametrize("t", [0.35, 0.8])
 def test_mean_velocity_matches_monte_carlo(geometry, t):
     gm = vf.make_target("entangled", geometry)
     g = torch.Generator().manual_seed(1)
@@ -88,7 +88,7 @@ def test_trajectory_shape_and_endpoints():
 
 def test_learned_field_approaches_exact():
     gm = vf.make_target("separated")
-    cfg = replace(vf.SIZES["full"], train_steps=400, batch_size=256)
+    cfg = replace(vf.SIZES["full"], train_steps=300, batch_size=256)
     model, losses = vf.train_velocity_mlp(gm, cfg)
     untrained = vf.VelocityMLP(cfg.hidden).eval()
     assert vf.field_error(untrained, gm) > 0.5

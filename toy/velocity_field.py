@@ -430,7 +430,7 @@ def format_report(results):
 
 
 def verdict(results):
-    """One honest sentence: did the separated layout have the lower error at every step count?"""
+    """One honest line per field: did the separated layout have the lower error at every step count?"""
     lines = []
     for name in ("exact", "learned"):
         sep, ent = (results[layout]["errors"][name][0] for layout in ("separated", "entangled"))
@@ -498,7 +498,7 @@ def plot_fields(results, times=(0.9, 0.6, 0.3), grid=15, n_dots=400):
     return fig
 
 
-def plot_trajectories(results, n=24, steps=REFERENCE_STEPS):
+def plot_trajectories(results, n=12, steps=REFERENCE_STEPS):
     """ODE trajectories of the exact field from the same noise for both classes, plus 2-step Euler paths."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 5), squeeze=False)
@@ -515,7 +515,7 @@ def plot_trajectories(results, n=24, steps=REFERENCE_STEPS):
             ax.plot(few[:, :, 0], few[:, :, 1], color=CLASS_COLORS[c], lw=0.8, ls=":", marker=".", ms=3)
         ax.scatter(*noise.T, c="k", s=8, zorder=3)
         _square(ax, lim)
-        ax.set_title(f"{layout}: {steps}-step ODE (solid) vs 2 Euler steps (dotted)")
+        ax.set_title(f"{layout}: {steps}-step ODE (solid) vs 2 Euler steps (dotted)", fontsize=10)
     fig.tight_layout()
     return fig
 
