@@ -40,6 +40,7 @@ import svg
 
 EMA_DECAY = 0.9999  # official, every step
 ADAM_BETAS = (0.9, 0.999)  # Table 5
+NO_BAD_STEP = 2**62  # "no non-finite loss yet" in the device-side NaN tracker
 SYNTHETIC_DATA = dict(num_images=256, num_classes=4)  # --data synthetic (the tiny preset)
 PRESETS = {
     # Table 5 (SVG-XL): 7M steps x 256 = the released 1400-epoch model; official fp32 + TF32.
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--extract", action="store_true", help="encode --data (both flips) into --cache, then exit")
     p.add_argument("--cache-dtype", choices=["float16", "bfloat16"], default="float16")
     p.add_argument("--stats", help="feature stats file (native or official dinov3_sp_stats.pt) instead of computing")
-    p.add_argument("--out", help="output folder: checkpoints NNNNNNN.pt, log.txt, feature_stats.pt")
+    p.add_argument("--out", help="output folder: checkpoints/NNNNNNN.pt, log.txt, feature_stats.pt")
     p.add_argument("--model", choices=sorted(svg.SIT_PRESETS))
     p.add_argument("--image-size", type=int, help="default: the autoencoder's training size")
     p.add_argument("--global-batch", type=int)
@@ -72,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int)
     p.add_argument("--log-every", type=int)
     p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--resume", help='checkpoint path, or "auto" = the latest in --out (fresh start if none)')
+    p.add_argument("--resume", help='checkpoint path, or "auto" = the latest in <out>/checkpoints (fresh if none)')
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -237,7 +238,7 @@ def step_noise(generator, seed, step, global_batch, positions, shape, shift, dro
 
 
 def latest_checkpoint(out):
-    ckpts = sorted(p for p in glob.glob(os.path.join(out, "*.pt")) if os.path.basename(p)[:-3].isdigit())
+    ckpts = sorted(glob.glob(os.path.join(out, "checkpoints", "[0-9]" * 7 + ".pt")))
     return ckpts[-1] if ckpts else None
 
 
@@ -262,6 +263,8 @@ def main(argv=None):
 
     log(f"train_dit.py {json.dumps(vars(args))} | {dist.world_size} process(es) on {device}")
     resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
+    if args.resume == "auto" and resume is None:
+        log(f"--resume auto: no checkpoint in {args.out}/checkpoints, starting fresh")
     ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume else None
 
     # ---------------------------------------------------------------- frozen autoencoder and data
@@ -347,8 +350,7 @@ def main(argv=None):
 
     generator = torch.Generator(device)
     positions = torch.arange(local_batch, device=device) * dist.world_size + dist.rank  # ResumableSampler order
-    never = torch.tensor(2**62, device=device)
-    loss_sum, first_bad = torch.zeros((), device=device), never.clone()
+    loss_sum, first_bad = torch.zeros((), device=device), torch.full((), NO_BAD_STEP, device=device)
     last_ckpt, window_start, window_steps = resume, time.time(), 0
 
     def stop_if_nonfinite():
@@ -358,7 +360,7 @@ def main(argv=None):
         bad = first_bad.clone()
         if dist.initialized:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-        if bad.item() < never.item():
+        if bad.item() != NO_BAD_STEP:
             msg = (f"non-finite loss (NaN/inf) first at step {bad.item()}: training stopped. Last good checkpoint: "
                    f"{last_ckpt or 'none written yet'}. Resume from it (--resume) with e.g. --grad-clip 1.0, "
                    "a lower --lr or --precision fp32")
@@ -388,7 +390,7 @@ def main(argv=None):
         window_steps += 1
         loss = loss.detach()
         loss_sum += loss
-        first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss), never, step))
+        first_bad = torch.where(torch.isfinite(loss), first_bad, torch.clamp(first_bad, max=step))
 
         if step % args.log_every == 0 or step == args.steps:
             stop_if_nonfinite()
@@ -401,7 +403,7 @@ def main(argv=None):
         if step % args.ckpt_every == 0 or step == args.steps:
             stop_if_nonfinite()
             if dist.is_main:
-                last_ckpt = os.path.join(args.out, f"{step:07d}.pt")
+                last_ckpt = os.path.join(args.out, "checkpoints", f"{step:07d}.pt")
                 svg.atomic_save({
                     "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                     "sit_config": asdict(cfg), "feature_stats": stats, "ae_config": asdict(ae.cfg),

@@ -62,7 +62,7 @@ def load(path):
 
 def test_one_step_updates_the_model_and_the_ema_exactly(ae_path, tmp_path, few_images):
     train_dit.main(args(ae_path, tmp_path, steps=1))
-    ckpt = load(tmp_path / "0000001.pt")
+    ckpt = load(tmp_path / "checkpoints" / "0000001.pt")
     assert set(ckpt) == CKPT_KEYS and ckpt["step"] == 1
     torch.manual_seed(0)  # the script builds the init from --seed alone
     init = svg.SiT(svg.SiTConfig(**ckpt["sit_config"])).state_dict()
@@ -89,9 +89,9 @@ def test_resume_is_exact_across_epochs_and_workers(ae_path, tmp_path, few_images
     straight, split = tmp_path / "straight", tmp_path / "split"
     train_dit.main(args(ae_path, straight, "--num-workers", "1"))
     train_dit.main(args(ae_path, split, "--num-workers", "1", steps=3))
-    assert not (split / "0000006.pt").exists()
+    assert not (split / "checkpoints" / "0000006.pt").exists()
     train_dit.main(args(ae_path, split, "--num-workers", "1", "--resume", "auto"))
-    a, b = load(straight / "0000006.pt"), load(split / "0000006.pt")
+    a, b = load(straight / "checkpoints" / "0000006.pt"), load(split / "checkpoints" / "0000006.pt")
     for key in ("model", "ema"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
@@ -155,7 +155,7 @@ def test_two_process_torchrun_equals_one_process(ae_path, tmp_path):
     # Training: same global batch of 8, same per-sample noise -> the same weights.
     train_dit.main(args(ae_path, tmp_path / "run1", "--cache", str(one), steps=4))
     torchrun(*args(ae_path, tmp_path / "run2", "--cache", str(one), steps=4))
-    a, b = load(tmp_path / "run1" / "0000004.pt"), load(tmp_path / "run2" / "0000004.pt")
+    a, b = (load(tmp_path / run / "checkpoints" / "0000004.pt") for run in ("run1", "run2"))
     for key in ("model", "ema"):
         for k in a[key]:
             torch.testing.assert_close(a[key][k], b[key][k], atol=2e-5, rtol=1e-4, msg=f"{key} {k}")
@@ -174,7 +174,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(ae_pa
     monkeypatch.setattr(svg, "flow_matching_loss", loss_nan_from_step_5)
     with pytest.raises(SystemExit, match=r"non-finite loss \(NaN/inf\) first at step 5.*0000003\.pt"):
         train_dit.main(args(ae_path, tmp_path, steps=9))
-    assert sorted(os.listdir(tmp_path)) == ["0000003.pt", "feature_stats.pt", "log.txt"]
+    assert os.listdir(tmp_path / "checkpoints") == ["0000003.pt"]
 
 
 def test_refusals_name_the_problem_and_the_fix(ae_path, tmp_path, capsys):
@@ -194,8 +194,9 @@ def test_refusals_name_the_problem_and_the_fix(ae_path, tmp_path, capsys):
 
 def test_load_generator_native_and_official(ae_path, tmp_path, few_images):
     train_dit.main(args(ae_path, tmp_path, steps=3))
-    ckpt = load(tmp_path / "0000003.pt")
-    model, stats, ae = svg.load_generator(str(tmp_path / "0000003.pt"))
+    path = str(tmp_path / "checkpoints" / "0000003.pt")
+    ckpt = load(path)
+    model, stats, ae = svg.load_generator(path)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in model.state_dict().items())
     assert torch.equal(stats["std"], ckpt["feature_stats"]["std"]) and ae.feature_dim == 136
@@ -212,4 +213,4 @@ def test_load_generator_native_and_official(ae_path, tmp_path, few_images):
     x, t, y = torch.randn(2, 136, 2, 2), torch.tensor([0.2, 0.7]), torch.tensor([1, 3])
     torch.testing.assert_close(official(x, t, y), -model(x, 1 - t, y))
     with pytest.raises(ValueError, match="is a train_dit.py checkpoint with its own autoencoder"):
-        svg.load_generator(str(tmp_path / "0000003.pt"), ae=ae_path)
+        svg.load_generator(path, ae=ae_path)
