@@ -12,7 +12,7 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae ae.pt --extract --cache /cache/in256
     torchrun --nproc_per_node=8 train_dit.py --preset paper --cache /cache/in256 --ae ae.pt --out runs/svg_xl
     # CPU, minutes: synthetic images and a tiny stage-1 checkpoint
-    python train_dit.py --preset tiny --ae runs/ae_tiny/last.pt --out runs/dit_tiny
+    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0000300.pt --out runs/dit_tiny
 
 Randomness: horizontal flips are part of the dataset (item k = image k mod N, flipped when
 k >= N), and the noise, time and label dropout of a step are drawn for the whole global
@@ -189,6 +189,9 @@ def extract_features(args, dist, ae, images, log):
         np.lib.format.open_memmap(os.path.join(tmp, "labels.npy"), "w+", np.int64, (N,))
         log(f"extracting {N} images x 2 flips -> {args.cache} ({N * 2 * C * grid * grid * 2 / 2**30:.1f} GiB)")
     dist.barrier()
+    if not os.path.isfile(os.path.join(tmp, "features.npy")):
+        raise FileNotFoundError(f"rank {dist.rank} cannot see {tmp}/features.npy written by rank 0: --cache must be "
+                                "on a filesystem shared by all nodes")
     features = np.load(os.path.join(tmp, "features.npy"), mmap_mode="r+")
     labels = np.load(os.path.join(tmp, "labels.npy"), mmap_mode="r+")
     mine = shard(N, dist)
