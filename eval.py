@@ -309,8 +309,9 @@ def open_npz_array(path, key="arr_0"):
         return np.load(path)[key]
     with open(path, "rb") as f:
         f.seek(offset)
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
         data_start = f.tell()
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=data_start)
 
@@ -369,11 +370,6 @@ def quantize(x):
 # ----------------------------------------------------------------------------------
 # DDP-aware extraction: each rank a strided slice, gathered back in dataset order
 # ----------------------------------------------------------------------------------
-def single_process():
-    """A one-process stand-in with the fields of svg.Dist (tests, notebooks)."""
-    return svg.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
-
-
 def rank_slice(dataset, dist):
     """Items rank, rank + W, rank + 2W, ... of a dataset."""
     return torch.utils.data.Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
@@ -491,7 +487,7 @@ def pairwise_sq_dists(a, b):
     return d.clamp_min(0)
 
 
-def manifold_radii(features, k=PR_NEIGHBOURS, batch_size=10000):
+def manifold_radii(features, k=PR_NEIGHBOURS, batch_size=5000):
     """Squared distance of each feature to its k-th nearest neighbour in the set, self excluded."""
     if len(features) <= k:
         raise ValueError(f"precision/recall needs more than k={k} feature vectors, got {len(features)}")
@@ -502,7 +498,7 @@ def manifold_radii(features, k=PR_NEIGHBOURS, batch_size=10000):
     return torch.cat(radii)  # [N]
 
 
-def fraction_in_manifold(queries, features, radii, batch_size=10000):
+def fraction_in_manifold(queries, features, radii, batch_size=5000):
     """Share of queries within radius of at least one manifold feature."""
     inside = [
         (pairwise_sq_dists(queries[i : i + batch_size], features) <= radii).any(1)
@@ -599,7 +595,10 @@ def reference_statistics(path, inception, dist, batch_size=100, num_workers=4, n
             f"reference {path} not found; for ImageNet 256 gFID download VIRTUAL_imagenet256_labeled.npz from "
             "the ADM evaluation suite (openai/guided-diffusion, evaluations/README.md) and pass it with --ref"
         )
-    files = np.load(path).files if path.endswith(".npz") and os.path.isfile(path) else []
+    files = []
+    if path.endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as data:
+            files = data.files
     if "mu" in files and "sigma" in files:
         with np.load(path) as data:
             mu, sigma = data["mu"], data["sigma"]
@@ -753,7 +752,7 @@ def run_recon(args, dist):
     """rFID / PSNR / SSIM / LPIPS of a stage-1 autoencoder on a validation folder."""
     ae = svg.load_autoencoder(args.ae).to(dist.device)
     image_size = args.image_size or ae.cfg.image_size
-    dataset = svg.build_dataset(args.data, image_size)
+    dataset = svg.build_dataset(args.data, image_size, on_error="raise")  # ADM centre crop, no flip
     if args.num_images:
         dataset = torch.utils.data.Subset(dataset, range(min(args.num_images, len(dataset))))
     inception = load_inception(args.inception).to(dist.device)
@@ -764,7 +763,7 @@ def run_recon(args, dist):
     r.update(autoencoder=args.ae, data=args.data, image_size=image_size, reference=ref,
              network=inception.weights_name, resize=INCEPTION_RESIZE,
              ssim_convention="RGB per channel, Gaussian 11 / 1.5, valid, data range 255",
-             lpips="VGG v0.1 on uint8-quantised images")
+             lpips_network="VGG16 + v0.1 heads on uint8-quantised images")
     lines = [
         f"rFID {r['rfid']:.4f}: {n} reconstructions vs {ref}; {net}",
         f"PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f}, LPIPS {r['lpips']:.4f}: mean over {n} uint8 images",
@@ -776,9 +775,9 @@ def run_probe(args, dist):
     """Table 4 classification: linear probes on DINO-only vs SVG features."""
     ae = svg.load_autoencoder(args.ae).to(dist.device)
     image_size = args.image_size or ae.cfg.image_size
-    train_set = svg.build_dataset(args.data, image_size)
+    train_set = svg.build_dataset(args.data, image_size, on_error="raise")  # ADM centre crop, no flip
     if args.val_data:
-        val_set = svg.build_dataset(args.val_data, image_size)
+        val_set = svg.build_dataset(args.val_data, image_size, on_error="raise")
     else:
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed)).tolist()
         n_val = max(1, int(len(order) * args.holdout))
@@ -865,8 +864,7 @@ def main():
     if args.command == "bench-fid":
         return run_bench_fid(args)
     dist = svg.init_distributed()
-    if args.command in ("recon", "probe"):
-        svg.setup_precision(args.precision)
+    svg.setup_precision(args.precision if args.command in ("recon", "probe") else "fp32")  # fid: exact fp32
     {"fid": run_fid, "recon": run_recon, "probe": run_probe}[args.command](args, dist)
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
