@@ -51,7 +51,6 @@ INCEPTION_RESIZE = "bilinear to 299x299, align_corners=False, no antialias, befo
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IS_SPLITS = 10  # Inception Score splits (Salimans et al. 2016; ADM: 5000-image chunks of 50k)
 PR_NEIGHBOURS = 3  # k of the improved precision/recall manifolds (Kynkaanniemi et al. 2019, ADM)
-SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # Wang et al. 2004
 
 
 # ----------------------------------------------------------------------------------
@@ -516,44 +515,18 @@ def precision_recall(real, fake, k=PR_NEIGHBOURS, device="cpu"):
     return precision, recall
 
 
-def psnr(a, b):
-    """Per-image PSNR [B] of uint8 images [B, C, H, W] (data range 255); inf when equal."""
-    mse = (a.double() - b.double()).square().mean((1, 2, 3))  # [B]
-    return 10 * torch.log10(255.0**2 / mse)
+def psnr_ssim(u_x, u_rec):
+    """Per-image PSNR [B] and SSIM [B] of uint8 images [B, 3, H, W] in the uint8 convention.
 
-
-def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
-    """Normalised 1-D Gaussian [size]."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim(a, b, data_range=255.0):
-    """Per-image SSIM [B] (Wang et al. 2004) of uint8 RGB images, per channel then averaged.
-
-    Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, population (co)variances, valid
-    positions only: the convention of pytorch-msssim `ssim(..., data_range=255)` and of
-    skimage `structural_similarity(gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=255, channel_axis=...)`.
+    svg.psnr / svg.ssim (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, per RGB channel,
+    valid positions, population variances; pytorch-msssim's `ssim(data_range=255)` and
+    skimage's `structural_similarity(gaussian_weights=True, use_sample_covariance=False,
+    data_range=255)`) use data range 2. SSIM is invariant to scaling but not to shifts
+    (its luminance term), so the images go in as u / 127.5 in [0, 2], which equals SSIM on
+    [0, 255] with data range 255, not as [-1, 1]. PSNR is 10 log10(255^2 / MSE).
     """
-    B, C, H, W = a.shape  # batch, channels, height, width
-    if min(H, W) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {H}x{W}")
-    a, b = a.double(), b.double()
-    g = gaussian_window().to(a.device)
-
-    def blur(x):  # separable Gaussian, valid: [B, C, H, W] -> [B, C, H - 10, W - 10]
-        x = F.conv2d(x, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-        return F.conv2d(x, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
-    ssim_map = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return ssim_map.mean((1, 2, 3))  # [B]
+    x, rec = u_x.float() / 127.5, u_rec.float() / 127.5  # [B, 3, H, W] in [0, 2]
+    return svg.psnr(x, rec).double(), svg.ssim(x, rec).double()
 
 
 # ----------------------------------------------------------------------------------
@@ -633,7 +606,7 @@ def evaluate_reconstruction(ae, dataset, inception, lpips, dist, batch_size=32, 
         pool3_x.append(inception(u_x)[0])
         pool3_rec.append(inception(u_rec)[0])
         lp = lpips(u_x.float() / 127.5 - 1, u_rec.float() / 127.5 - 1)  # [B]
-        per_image.append(torch.stack([psnr(u_x, u_rec), ssim(u_x, u_rec), lp.double()], 1))  # [B, 3]
+        per_image.append(torch.stack([*psnr_ssim(u_x, u_rec), lp.double()], 1))  # [B, 3]
     n = len(dataset)
     pool3_x = gather_strided(torch.cat(pool3_x), dist, n).cpu()  # [N, 2048]
     pool3_rec = gather_strided(torch.cat(pool3_rec), dist, n).cpu()  # [N, 2048]
