@@ -343,12 +343,17 @@ class FolderImages(torch.utils.data.Dataset):
         )
         if not self.files:
             raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}")
+        with Image.open(self.files[0]) as im:
+            self.size = im.size  # every sample must share it (batches are stacked)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         with Image.open(self.files[i]) as im:
+            if im.size != self.size:
+                raise ValueError(f"{self.files[i]} is {im.size[0]}x{im.size[1]} but {self.files[0]} is "
+                                 f"{self.size[0]}x{self.size[1]}: samples for FID must all have one size")
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # [3, H, W] uint8
 
 
@@ -395,8 +400,6 @@ def inception_features(dataset, inception, dist, batch_size=100, num_workers=4, 
     """pool3 [N, 2048] and unbiased logits [N, 1008] (float32, CPU) of uint8 image datasets."""
     pool3, logits = [], []
     for images in tqdm(loader(rank_slice(dataset, dist), batch_size, num_workers), desc=desc, disable=not dist.is_main):
-        if isinstance(images, (list, tuple)):
-            images = images[0]
         p, l = inception(images.to(dist.device))
         pool3.append(p.float())
         logits.append(l.float())
@@ -408,11 +411,11 @@ def inception_features(dataset, inception, dist, batch_size=100, num_workers=4, 
 # ----------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------
-def feature_statistics(features):
-    """mu [D] and unbiased covariance [D, D] in float64 (numpy) of features [N, D]."""
+def feature_statistics(features, device="cpu"):
+    """mu [D] and unbiased covariance [D, D] in float64 (numpy) of features [N, D]; the GEMM runs on `device`."""
     if len(features) < 2:
         raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
-    f = torch.as_tensor(features).double()
+    f = torch.as_tensor(features, device=device).double()
     mu = f.mean(0)  # [D]
     centred = f - mu  # [N, D]
     sigma = centred.T @ centred / (len(f) - 1)  # [D, D], unbiased
@@ -581,7 +584,7 @@ def reference_statistics(path, inception, dist, batch_size=100, num_workers=4, n
             num = len(features)
         return dict(mu=mu, sigma=sigma, features=features, source=f"{path} (stored mu/sigma)", num=num)
     features, cache = cached_features(path, inception, dist, batch_size, num_workers)
-    mu, sigma = feature_statistics(features)
+    mu, sigma = feature_statistics(features, dist.device)
     return dict(mu=mu, sigma=sigma, features=features, source=f"{path} (cached in {cache})", num=len(features))
 
 
@@ -611,7 +614,7 @@ def evaluate_reconstruction(ae, dataset, inception, lpips, dist, batch_size=32, 
     pool3_x = gather_strided(torch.cat(pool3_x), dist, n).cpu()  # [N, 2048]
     pool3_rec = gather_strided(torch.cat(pool3_rec), dist, n).cpu()  # [N, 2048]
     per_image = gather_strided(torch.cat(per_image), dist, n).cpu()  # [N, 3]
-    rfid = frechet_distance(*feature_statistics(pool3_x), *feature_statistics(pool3_rec))
+    rfid = frechet_distance(*feature_statistics(pool3_x, dist.device), *feature_statistics(pool3_rec, dist.device))
     mean_psnr, mean_ssim, mean_lpips = per_image.mean(0).tolist()
     return dict(rfid=rfid, psnr=mean_psnr, ssim=mean_ssim, lpips=mean_lpips, num_images=n)
 
@@ -699,7 +702,7 @@ def run_fid(args, dist):
     if not dist.is_main:
         return
     n, net = len(samples), network_note(inception)
-    fid = frechet_distance(*feature_statistics(pool3), ref["mu"], ref["sigma"], method=args.fid_method)
+    fid = frechet_distance(*feature_statistics(pool3, dist.device), ref["mu"], ref["sigma"], method=args.fid_method)
     is_mean, is_std = inception_score(logits)
     results = dict(fid=fid, inception_score=is_mean, inception_score_std=is_std, num_samples=n,
                    samples=args.samples, reference=ref["source"], network=inception.weights_name,

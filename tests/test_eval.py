@@ -198,6 +198,21 @@ def write_pngs(folder, images):
         Image.fromarray(im).save(folder / f"{i:03d}.png")
 
 
+def test_folder_images_must_share_one_size(tmp_path):
+    rng = np.random.default_rng(0)
+    write_pngs(tmp_path / "s", rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)).save(tmp_path / "s" / "z.png")
+    ds = ev.open_images(str(tmp_path / "s"))
+    assert len(ds) == 3 and ds[0].shape == (3, 16, 16) and ds[0].dtype == torch.uint8
+    with pytest.raises(ValueError, match="z.png is 12x8 but .*000.png is 16x16: samples for FID must all have one size"):
+        ds[2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .png/.jpg/.jpeg images under"):
+        ev.open_images(str(tmp_path / "empty"))
+
+
 def test_reference_statistics_from_folder_are_cached(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     write_pngs(tmp_path / "ref", rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
