@@ -1,8 +1,10 @@
 """Evaluation for SVG (arXiv 2510.15301, Sec. 4.1, Tables 1-4, App. B).
 
-    python eval.py fid   --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
-    python eval.py recon --ae ae.pt --data /imagenet/val --lpips-vgg vgg16.pth --lpips-heads vgg.pth --inception pt_inception-2015-12-05-6726825d.pth
-    python eval.py probe --ae ae.pt --data /imagenet/train --val-data /imagenet/val
+    torchrun --nproc_per_node=8 eval.py fid --samples samples.npz \
+        --ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
+    torchrun --nproc_per_node=8 eval.py recon --ae ae.pt --data /imagenet/val \
+        --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth --inception pt_inception-2015-12-05-6726825d.pth
+    torchrun --nproc_per_node=8 eval.py probe --ae ae.pt --data /imagenet/train --val-data /imagenet/val
     python eval.py bench-fid
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
@@ -20,6 +22,9 @@ Conventions, stated once here:
   covariances are unbiased (N - 1).
 - Images that are scored are uint8, as they would be saved to PNG / npz:
   u = round((x + 1) * 127.5) clamped to [0, 255] for x in [-1, 1].
+- Inception Score: 10 contiguous, unshuffled splits (= ADM's 5000-image chunks at 50k).
+- Linear probe: the spatial mean of the SVG feature map (mean-pooled patch tokens), DINO-only
+  = its first dino_dim channels, SVG = all channels; no CLS token, as SVG has none.
 - gFID uses ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`, mu/sigma computed
   by the TF evaluator on ImageNet train). rFID uses the 256x256 ADM centre crops of the
   validation images as reference, never the VIRTUAL batch.
@@ -50,6 +55,7 @@ INCEPTION_SIZE = 299  # TF FID graph input resolution
 INCEPTION_RESIZE = "bilinear to 299x299, align_corners=False, no antialias, before scaling to [-1, 1] (pytorch-fid)"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IS_SPLITS = 10  # Inception Score splits (Salimans et al. 2016; ADM: 5000-image chunks of 50k)
+PROBE_LR, PROBE_WEIGHT_DECAY = 5e-4, 1e-2  # App. B linear classifier, AdamW
 PR_NEIGHBOURS = 3  # k of the improved precision/recall manifolds (Kynkaanniemi et al. 2019, ADM)
 
 
@@ -302,7 +308,8 @@ def open_npz_array(path, key="arr_0"):
     """Memory-map an array in an .npz written by np.savez (loads it when compressed)."""
     with np.load(path) as data:
         if key not in data.files:
-            raise KeyError(f"{path} has no '{key}' array (found {data.files}); samples must be saved as arr_0 uint8 NHWC")
+            raise KeyError(f"{path} has no '{key}' array (found {data.files}); "
+                           "samples must be saved as arr_0 uint8 NHWC")
     offset = _npz_member_offset(path, key + ".npy")
     if offset is None:
         return np.load(path)[key]
@@ -538,7 +545,8 @@ def psnr_ssim(u_x, u_rec):
 def source_identity(path):
     """A string that changes when a file or a folder's images change (name, size, mtime)."""
     if os.path.isdir(path):
-        entries = [(os.path.relpath(f, path), os.path.getsize(f), os.path.getmtime(f)) for f in FolderImages(path).files]
+        files = FolderImages(path).files
+        entries = [(os.path.relpath(f, path), os.path.getsize(f), os.path.getmtime(f)) for f in files]
     else:
         entries = [(os.path.basename(path), os.path.getsize(path), os.path.getmtime(path))]
     return hashlib.sha1(repr(entries).encode()).hexdigest()
@@ -636,7 +644,8 @@ def pooled_features(ae, dataset, dist, batch_size=64, num_workers=4, precision="
     return gather_strided(torch.cat(feats), dist, n), gather_strided(torch.cat(labels), dist, n)
 
 
-def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, batch_size=3072, lr=5e-4, weight_decay=1e-2):
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, batch_size=3072, lr=PROBE_LR,
+                 weight_decay=PROBE_WEIGHT_DECAY):
     """Train a linear classifier on frozen features with AdamW (App. B); top-1 / top-5 (%) on val."""
     head = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -763,10 +772,11 @@ def run_probe(args, dist):
                           args.num_workers, args.precision, args.seed)
     r.update(autoencoder=args.ae, data=args.data, val_data=args.val_data or f"{args.holdout:.0%} held out of --data",
              pooling="spatial mean of the SVG feature map (patch tokens), centre crops, no augmentation",
-             epochs=args.epochs, optimizer="AdamW lr 5e-4 wd 1e-2")
+             epochs=args.epochs, optimizer=f"AdamW lr {PROBE_LR} wd {PROBE_WEIGHT_DECAY}")
     lines = [
         f"linear probe {name}: top-1 {r[name]['top1']:.2f}% top-5 {r[name]['top5']:.2f}% "
-        f"({r[name]['channels']} channels, {r['num_train']} train / {r['num_val']} val images, {r['num_classes']} classes)"
+        f"({r[name]['channels']} channels, {r['num_train']} train / {r['num_val']} val images, "
+        f"{r['num_classes']} classes)"
         for name in ("dino", "svg") if name in r
     ]
     write_results(r, lines, args.out or args.ae + ".probe.json", dist)
