@@ -560,9 +560,13 @@ def cached_features(path, inception, dist, batch_size, num_workers):
         return np.load(cache)["pool3"], cache
     pool3, _ = inception_features(open_images(path), inception, dist, batch_size, num_workers, desc=f"reference {path}")
     if dist.is_main:
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, pool3=pool3.numpy(), key=np.array(key))
-        os.replace(tmp, cache)
+        try:
+            tmp = cache + ".tmp.npz"
+            np.savez(tmp, pool3=pool3.numpy(), key=np.array(key))
+            os.replace(tmp, cache)  # atomic: never a half-written cache
+        except OSError as e:
+            print(f"could not cache reference features at {cache} ({e}); they will be recomputed next time")
+            cache = "not cached"
     return pool3.numpy(), cache
 
 
