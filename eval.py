@@ -831,7 +831,8 @@ def main():
     p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's image_size")
     p.add_argument("--num-images", type=int, default=None, help="evaluate only the first N images (default all)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch per rank")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32", help="autoencoder precision")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="autoencoder precision (bf16 autocast); tf32 and bf16 also allow TF32 in Inception and LPIPS")
 
     p = common(sub.add_parser("probe", help="linear probe top-1/top-5, DINO-only vs SVG features (Table 4)"))
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
