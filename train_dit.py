@@ -317,7 +317,9 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         raw = svg.SiT(cfg).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if dist.initialized else raw
+    # broadcast_buffers=False: the only buffer is the fixed pos_embed, no need to resend it every step
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False) if dist.initialized else raw
     forward = torch.compile(model) if args.compile else model
     # fused: one multi-tensor kernel per step instead of several launches per parameter
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=ADAM_BETAS, weight_decay=0,

@@ -60,6 +60,13 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def test_paper_preset_is_table5():
+    a = train_dit.parse_args(["--ae", "ae.pt", "--data", "imagenet/train"])
+    assert (a.model, a.global_batch, a.lr, a.steps) == ("SiT-XL", 256, 1e-4, 7_000_000)
+    assert train_dit.ADAM_BETAS == (0.9, 0.999) and train_dit.EMA_DECAY == 0.9999
+    assert train_dit.parse_args(["--preset", "paper", "--ae", "a", "--data", "d", "--lr", "3e-4"]).lr == 3e-4
+
+
 def test_one_step_updates_the_model_and_the_ema_exactly(ae_path, tmp_path, few_images):
     train_dit.main(args(ae_path, tmp_path, steps=1))
     ckpt = load(tmp_path / "checkpoints" / "0000001.pt")
