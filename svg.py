@@ -782,12 +782,12 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """LPIPS distance per image, [B], for x, y [B, 3, H, W] in [-1, 1]."""
-        n = x.shape[0]
-        f = self.taps(torch.cat([x, y]))  # one trunk pass for both
         d = 0
-        for f_l, lin in zip(f, self.lins):
-            f_l = f_l / (f_l.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
-            d = d + lin((f_l[:n] - f_l[n:]).pow(2)).mean((1, 2, 3))  # [B]
+        for f_x, f_y, lin in zip(self.taps(x), self.taps(y), self.lins):
+            f_x = f_x / (f_x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
+            f_y = f_y / (f_y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            w = lin.weight.float()  # [1, C_l, 1, 1]; the 1x1 head as a weighted sum, fp32 under autocast
+            d = d + (w * (f_x - f_y).pow(2)).sum(1).mean((1, 2))  # [B, C_l, h, w] -> [B]
         return d
 
 
@@ -887,8 +887,9 @@ ADAM_BETAS_GAN = (0.5, 0.9)  # Adam betas of both the autoencoder and the discri
 class PatchGAN(nn.Module):
     """PatchGAN discriminator D (Isola et al. 2017; taming's NLayerDiscriminator) of the AE loss.
 
-    3 stride-2/1 conv layers with BatchNorm and LeakyReLU(0.2), ndf 64: 70x70 receptive field,
-    one real/fake logit per patch ([B, 1, 30, 30] for 256 px). Keys main.{0,2,3,5,...,11}.*
+    conv(s2) + LeakyReLU(0.2), three conv + BatchNorm + LeakyReLU blocks (strides 2, 2, 1;
+    64 -> 128 -> 256 -> 512 channels), conv to 1 channel: one real/fake logit per 70x70 patch
+    ([B, 1, 30, 30] for 256 px). Keys main.{0,2,3,5,...,11}.*
     match taming, so its weights load directly. BatchNorm uses per-process batch statistics.
     """
 

@@ -78,6 +78,8 @@ def test_lpips_matches_definition(lpips_files):
     assert got.shape == (2,)
     torch.testing.assert_close(got, reference_lpips(x, y, vgg, heads), atol=1e-5, rtol=1e-5)
     assert lp(x, x).abs().max() < 1e-6
+    with svg.autocast("bf16", "cpu"):  # trunk in bf16, distance in fp32
+        torch.testing.assert_close(lp(x, y), got, rtol=0.05, atol=0.0)
 
 
 def test_lpips_frozen_eval_and_differentiable(lpips_files):
