@@ -277,7 +277,8 @@ def main(argv=None):
     model = Reconstruct(ae)
     if dist.initialized:
         ids = [device.index] if device.type == "cuda" else None
-        model, disc_ddp = ddp(model, device_ids=ids), ddp(disc, device_ids=ids)
+        model = ddp(model, device_ids=ids, broadcast_buffers=False)  # the AE has no running stats
+        disc_ddp = ddp(disc, device_ids=ids)  # BatchNorm running stats follow rank 0
     else:
         disc_ddp = disc
     last_layer = ae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
