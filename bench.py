@@ -22,8 +22,11 @@ are not counted (< 1% for SiT). SiT: analytic (sit_forward_flops), training = 3 
 counted, as MFU defines it). Encoder, decoder, Inception: counted by torch's
 FlopCounterMode at batch 1, times the batch. MFU = achieved TFLOP/s / the device's dense
 peak for the precision (PEAK_TFLOPS; on a CPU or another GPU pass --peak-tflops).
-Peak memory: torch.cuda.max_memory_allocated of each row on CUDA; on CPU the process's
-peak resident set size (ru_maxrss), which includes every row before it.
+Peak memory: torch.cuda.max_memory_allocated over each row's timed iterations on CUDA (all
+resident models count: SiT, EMA, optimizer state, autoencoder); on CPU the process's peak
+resident set size (ru_maxrss), which includes every row before it.
+CPU threads: on a busy machine (shared cores) run with OMP_NUM_THREADS=1: OpenMP threads
+that wait for each other at every op made a 2-thread run 5-10x slower than 1 thread here.
 """
 
 import argparse
@@ -176,7 +179,7 @@ def main(argv=None):
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
     opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     stats = {"mean": torch.zeros(C, device=device), "std": torch.ones(C, device=device)}
-    compile_ = torch.compile if args.compile else (lambda f: f)
+    compile_ = (lambda f: torch.compile(f, dynamic=False)) if args.compile else (lambda f: f)  # static shapes
     sit, encode, decode = compile_(raw), compile_(ae.encode), compile_(ae.decode)
 
     def images(batch):  # [B, 3, H, W] in [-1, 1]
@@ -211,7 +214,7 @@ def main(argv=None):
     step_flops = 3 * sit_forward_flops(raw, args.batch)
     rows = []  # (name, batch, seconds per iteration, FLOPs per iteration, precision, peak memory)
 
-    def bench(name, batch, fn, flops, precision=args.precision):
+    def time_row(name, batch, fn, flops, precision=args.precision):
         raw.train(name.startswith("train"))
         times = measure(fn, device, args.warmup, args.repeats)
         rows.append((name, batch, times, flops, precision, peak_memory_gib(device)))
@@ -221,23 +224,23 @@ def main(argv=None):
     print(f"bench.py: {args.preset} preset on {device_name}, rows as they finish:", flush=True)
     if "train" in args.what:
         x0, y = torch.randn(args.batch, C, grid, grid, device=device), labels(args.batch)
-        bench("train (cached)", args.batch, train_step(lambda: x0, y), step_flops)
+        time_row("train (cached)", args.batch, train_step(lambda: x0, y), step_flops)
         x = images(args.batch)
-        bench("train (+encode)", args.batch,
+        time_row("train (+encode)", args.batch,
               train_step(lambda: svg.normalize_features(run(encode, x), stats), y),
               step_flops + args.batch * encode_flops)
     if "encode" in args.what:
         for b in (args.ae_batch, 1):
             x = images(b)
-            bench("encode", b, lambda: run(encode, x), b * encode_flops)
+            time_row("encode", b, lambda: run(encode, x), b * encode_flops)
     if "decode" in args.what:
         for b in (args.ae_batch, 1):
             z = torch.randn(b, C, grid, grid, device=device)
-            bench("decode", b, lambda: run(decode, z), b * decode_flops)
+            time_row("decode", b, lambda: run(decode, z), b * decode_flops)
     if "sample" in args.what:
         noise, y = torch.randn(args.num_samples, C, grid, grid, device=device), labels(args.num_samples)
         nfe_batch = args.num_samples * (2 if CFG_SCALE != 1 else 1)  # CFG: conditional + unconditional
-        bench(f"sample {SAMPLE_STEPS} Euler", args.num_samples, lambda: run(sample, noise, y),
+        time_row(f"sample {SAMPLE_STEPS} Euler", args.num_samples, lambda: run(sample, noise, y),
               SAMPLE_STEPS * sit_forward_flops(raw, nfe_batch) + args.num_samples * decode_flops)
     if "fid" in args.what:
         from eval import FIDInceptionV3  # eval.py owns the FID network
@@ -246,7 +249,7 @@ def main(argv=None):
         fid_flops = counted_flops(inception, u8[:1])
         net = compile_(inception)
         fp32 = "fp32" if args.precision == "fp32" else "tf32"  # as eval.py: FID features are never bf16
-        bench(f"fid Inception {fp32}", args.ae_batch, lambda: run(net, u8, precision=fp32),
+        time_row(f"fid Inception {fp32}", args.ae_batch, lambda: run(net, u8, precision=fp32),
               args.ae_batch * fid_flops, fp32)
 
     # ---------------------------------------------------------------- report
@@ -261,7 +264,7 @@ def main(argv=None):
     print(f"SiT forward {sit_forward_flops(raw, 1) / 1e9:.2f} GFLOP/img (analytic), encoder "
           f"{encode_flops / 1e9:.2f}, decoder {decode_flops / 1e9:.2f} GFLOP/img (counted); 2 FLOPs per multiply-add")
     memory = "peak GiB (CUDA alloc)" if device.type == "cuda" else "peak GiB (RSS)"
-    print(f"{'what':<20}{'batch':>6}{'ms/iter':>10}{'min-max':>16}{'images/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+    print(f"{'what':<20}{'batch':>6}{'ms/iter':>10}{'min-max':>16}{'images/s':>10}{'TFLOP/s':>10}{'MFU':>7}"
           f"{memory:>23}")
     for name, batch, times, flops, precision, memory_gib in rows:
         median = statistics.median(times)
@@ -269,7 +272,7 @@ def main(argv=None):
         peak = device_peak_tflops(args, device_name, precision)
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
         spread = f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}"
-        print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}{tflops:>9.4g}"
+        print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}{tflops:>10.3g}"
               f"{mfu:>7}{memory_gib:>23.2f}")
     peak = device_peak_tflops(args, device_name, args.precision)
     print(f"MFU against {f'{peak} TFLOP/s dense {args.precision}' if peak else 'n/a: peak unknown, pass --peak-tflops'}")
