@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import svg
+from eval import FIDInceptionV3
 
 PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first key in the device name wins
     "H100 PCIe": {"bf16": 756, "tf32": 378, "fp32": 51},
@@ -243,14 +244,13 @@ def main(argv=None):
         time_row(f"sample {SAMPLE_STEPS} Euler", args.num_samples, lambda: run(sample, noise, y),
               SAMPLE_STEPS * sit_forward_flops(raw, nfe_batch) + args.num_samples * decode_flops)
     if "fid" in args.what:
-        from eval import FIDInceptionV3  # eval.py owns the FID network
-        inception = FIDInceptionV3().to(device).eval().requires_grad_(False)
+        svg.setup_precision("fp32")  # as eval.py fid: exact fp32 (no bf16, no TF32) for the FID features
+        inception = FIDInceptionV3().to(device).eval().requires_grad_(False)  # eval.py's network
         u8 = torch.randint(0, 256, (args.ae_batch, 3, size, size), dtype=torch.uint8, device=device)
         fid_flops = counted_flops(inception, u8[:1])
         net = compile_(inception)
-        fp32 = "fp32" if args.precision == "fp32" else "tf32"  # as eval.py: FID features are never bf16
-        time_row(f"fid Inception {fp32}", args.ae_batch, lambda: run(net, u8, precision=fp32),
-              args.ae_batch * fid_flops, fp32)
+        time_row("fid Inception fp32", args.ae_batch, lambda: run(net, u8, precision="fp32"),
+                 args.ae_batch * fid_flops, "fp32")
 
     # ---------------------------------------------------------------- report
     params = sum(p.numel() for p in raw.parameters())
