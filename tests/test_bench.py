@@ -112,10 +112,10 @@ def test_compile_matches_eager():
 
 
 @pytest.mark.skipif(os.environ.get("SVG_SLOW_TESTS") != "1",
-                    reason="opt-in (SVG_SLOW_TESTS=1): inductor's cold C++ compile of the SiT forward + backward "
-                           "took 145 s on the shared 2-core CI machine, over the ~40 s budget of this area")
+                    reason="opt-in (SVG_SLOW_TESTS=1): inductor's cold C++ compile of a SiT forward + backward "
+                           "took 41-145 s on the shared 2-core machine (by load), over this area's ~40 s budget")
 def test_compile_inductor_matches_eager():
-    model = tiny_sit()
+    model = tiny_sit(depth=1)  # one block: half the code to generate
     loss, grads = loss_and_grads(model)
     loss_c, grads_c = loss_and_grads(model, torch.compile(model, fullgraph=True))
     assert abs(loss_c - loss) / loss < 1e-4
