@@ -1037,18 +1037,6 @@ class SiTAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 
-class SiTMlp(nn.Module):
-    """Transformer MLP (timm Mlp): Linear -> tanh-GELU -> Linear."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class SiTBlock(nn.Module):
     """DiT block with adaLN-Zero conditioning: shift, scale, gate for attention and for the MLP."""
 
@@ -1057,7 +1045,7 @@ class SiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SiTAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = SiTMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")  # timm Mlp, as official
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
@@ -1518,7 +1506,7 @@ def import_official_sit(state_dict, cfg=None):
                 raise ValueError(f"{key} has {value.shape[0]} outputs, expected {C} or {2 * C} (learn_sigma)")
             value = value[:C]  # learn_sigma: outputs C..2C-1 were never used
         sd[key.replace("ln1.", "x_embedder.", 1) if key.startswith("ln1.") else key] = value
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, sd, "the official SVG DiT checkpoint")
     return model.eval()
 
 
@@ -1534,7 +1522,7 @@ def load_generator(path, ae=None, stats=None):
         if ae is not None or stats is not None:
             raise ValueError(f"{path} is a train_dit.py checkpoint with its own autoencoder and stats; drop ae/stats")
         model = SiT(SiTConfig(**ckpt["sit_config"]))
-        model.load_state_dict(ckpt["ema"], strict=True)
+        load_strict(model, ckpt["ema"], f"the EMA weights of {path}")
         autoencoder = load_autoencoder({"ae_config": ckpt["ae_config"], "ae": ckpt["ae"]})
         stats = load_feature_stats(ckpt["feature_stats"], model.cfg.in_channels)
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
