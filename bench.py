@@ -11,15 +11,17 @@ Rows. train (cached): one stage-2 step from cached features, as train_dit.py doe
 flow matching loss (Eq. 3-5) under autocast, backward, AdamW (fused on CUDA), EMA update.
 train (+encode): the frozen SVG encoder under no_grad first (features on the fly).
 encode / decode: the SVG autoencoder alone (App. F, Table 7: throughput at batch 64,
-latency at batch 1). sample: N images, Euler ODE with CFG (App. A) + decode. fid: the FID
-InceptionV3 on uint8 images. Every stage runs under the one --precision autocast.
+latency at batch 1). sample: N images, Euler ODE with CFG (App. A) + decode. fid: eval.py's
+FID InceptionV3 on uint8 images, in exact fp32 as `eval.py fid` runs it. Everything else
+runs under the one --precision autocast (the encoder too, also in the training step).
 
 Columns. ms/iter: median over --repeats (min-max beside it); images/s = batch / median.
 FLOPs are model FLOPs, 2 per multiply-add, of matrix products only (Linear layers,
 convolutions, attention QK^T and AV); norms, activations, softmax and the embedding lookup
 are not counted (< 1% for SiT). SiT: analytic (sit_forward_flops), training = 3 forwards
 (backward = 2 forwards; the forward that activation checkpointing recomputes is not
-counted, as MFU defines it). Encoder, decoder, Inception: counted by torch's
+counted, as MFU defines it); train (+encode) adds one encoder forward. Encoder, decoder,
+Inception: counted by torch's
 FlopCounterMode at batch 1, times the batch. MFU = achieved TFLOP/s / the device's dense
 peak for the precision (PEAK_TFLOPS; on a CPU or another GPU pass --peak-tflops).
 Peak memory: torch.cuda.max_memory_allocated over each row's timed iterations on CUDA (all
@@ -43,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import svg
 from eval import FIDInceptionV3
+from train_dit import ADAM_BETAS, EMA_DECAY
 
 PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first key in the device name wins
     "H100 PCIe": {"bf16": 756, "tf32": 378, "fp32": 51},
@@ -56,7 +59,6 @@ PRESETS = {  # per-device batches: training step, encoder/decoder/Inception thro
     "tiny": dict(model="SiT-tiny", ae="tiny", batch=16, ae_batch=8, num_samples=8, precision="fp32"),
 }
 WHAT = ("train", "encode", "decode", "sample", "fid")
-EMA_DECAY = 0.9999  # official, every step
 CFG_SCALE = 1.5  # the paper's "w/ CFG" sampling (App. A)
 SAMPLE_STEPS = 25  # Euler steps = NFE (App. A)
 
@@ -88,9 +90,11 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for flag in ("batch", "ae_batch", "num_samples", "warmup", "repeats"):
-        if getattr(args, flag) < (0 if flag == "warmup" else 1):
+    for flag in ("batch", "ae_batch", "num_samples", "repeats"):
+        if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error(f"--peak-tflops must be > 0 (the device's dense TFLOP/s for --precision), got {args.peak_tflops}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -178,7 +182,8 @@ def main(argv=None):
                            "grad_checkpointing": args.checkpointing})
     raw = svg.SiT(cfg).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, betas=ADAM_BETAS, weight_decay=0,
+                            fused=device.type == "cuda")  # as train_dit.py
     stats = {"mean": torch.zeros(C, device=device), "std": torch.ones(C, device=device)}
     compile_ = (lambda f: torch.compile(f, dynamic=False)) if args.compile else (lambda f: f)  # static shapes
     sit, encode, decode = compile_(raw), compile_(ae.encode), compile_(ae.decode)
