@@ -198,6 +198,7 @@ def test_mfu_is_achieved_over_peak(capsys):
     (["--what", "train,speed"], r"unknown \['speed'\]: pass a comma-separated subset of train,encode"),
     (["--peak-tflops", "0"], r"--peak-tflops must be > 0"),
     (["--batch", "0"], r"--batch must be a positive integer, got 0"),
+    (["--warmup", "-1"], r"--warmup must be >= 0, got -1"),
 ])
 def test_bad_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):
