@@ -3,7 +3,7 @@
 Like nanoGPT's bench.py: random weights and random inputs of the right shapes (no data,
 no checkpoints), a few warm-up iterations, timed repeats, one table plus the exact setup.
 
-    python bench.py --preset tiny                                            # 2-core CPU, ~2 min
+    python bench.py --preset tiny                                            # 2-core CPU, ~20 s
     python bench.py --preset paper --batch 32                                # one GPU, SVG-XL, bf16
     python bench.py --preset paper --batch 64 --compile --what train,sample
 
@@ -27,8 +27,9 @@ peak for the precision (PEAK_TFLOPS; on a CPU or another GPU pass --peak-tflops)
 Peak memory: torch.cuda.max_memory_allocated over each row's timed iterations on CUDA (all
 resident models count: SiT, EMA, optimizer state, autoencoder); on CPU the process's peak
 resident set size (ru_maxrss), which includes every row before it.
-CPU threads: on a busy machine (shared cores) run with OMP_NUM_THREADS=1: OpenMP threads
-that wait for each other at every op made a 2-thread run 5-10x slower than 1 thread here.
+CPU threads (printed with the table): on idle cores torch's default (one per core) is best;
+when other work shares the cores, OpenMP threads wait for each other at every op and
+OMP_NUM_THREADS=1 was 3-10x faster on a busy 2-core machine. Compare both; keep the faster.
 """
 
 import argparse
