@@ -21,6 +21,7 @@ global batch only with align "image"/"none", mask_prob 0 and before --disc-start
 """
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import json
@@ -44,13 +45,15 @@ PRESETS = {
     # App. A / official config: 256 px, 64 per GPU x 8 GPUs, lr 1e-4, 100K iterations (~40
     # ImageNet epochs, the official epoch=000040.ckpt), SmallestMaxSize + RandomCrop, no flip.
     # disc_start 2500 iterations = the official 5001 Lightning steps (two per iteration).
-    "paper": dict(data=None, global_batch=512, steps=100_000, lr=1e-4, disc_start=2500, crop="random",
-                  num_synthetic=0, num_workers=8, num_eval=256, log_every=50, sample_every=2500,
-                  eval_every=5000, ckpt_every=5000),
+    # grad_accum 2: 64 images need ~80-93 GiB here (measured on an H100: 1.25 GiB per image
+    # in bf16, 1.45 in fp32), so each GPU runs two micro-batches of 32.
+    "paper": dict(data=None, global_batch=512, grad_accum=2, steps=100_000, lr=1e-4, disc_start=2500,
+                  crop="random", num_synthetic=0, num_workers=8, num_eval=256, log_every=50,
+                  sample_every=2500, eval_every=5000, ckpt_every=5000),
     # AE_PRESETS["tiny"] at 64 px on the built-in synthetic shapes: minutes on a 2-core CPU.
-    "tiny": dict(data="synthetic", global_batch=8, steps=300, lr=1e-3, disc_start=200, crop="center",
-                 num_synthetic=2048, num_workers=0, num_eval=16, log_every=10, sample_every=100,
-                 eval_every=100, ckpt_every=150),
+    "tiny": dict(data="synthetic", global_batch=8, grad_accum=1, steps=300, lr=1e-3, disc_start=200,
+                 crop="center", num_synthetic=2048, num_workers=0, num_eval=16, log_every=10,
+                 sample_every=100, eval_every=100, ckpt_every=150),
 }
 
 
@@ -69,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--lpips-vgg", help="torchvision vgg16-397923af.pth")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 heads vgg.pth")
     p.add_argument("--global-batch", type=int)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per rank and step (memory); the "
+                   "adaptive weight, Eq. (6) statistics and D's BatchNorm then see micro-batches")
     p.add_argument("--steps", type=int, help="training iterations")
     p.add_argument("--lr", type=float, help="Adam lr of the AE and the discriminator")
     p.add_argument("--disc-start", type=int, help="first iteration (0-based) with the GAN terms")
@@ -124,6 +129,13 @@ class Reconstruct(nn.Module):
 
     def forward(self, x):
         return self.ae.decode(self.ae.encode(x))  # [B, 3, H, W] -> [B, C, h, w] -> [B, 3, H, W]
+
+
+def grad_sync(module, sync: bool):
+    """DDP all-reduces gradients only when `sync` (the last micro-batch); a no-op without DDP."""
+    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
 
 
 def dino_only(ae, z):
@@ -187,6 +199,8 @@ def main(argv=None):
     assert args.global_batch % dist.world_size == 0, \
         f"--global-batch {args.global_batch} must be divisible by the world size {dist.world_size}"
     batch = args.global_batch // dist.world_size  # per rank
+    assert batch % args.grad_accum == 0, \
+        f"per-rank batch {batch} must be divisible by --grad-accum {args.grad_accum}"
 
     # ---- output dir and logger (rank 0 only)
     if dist.is_main:
@@ -303,28 +317,38 @@ def main(argv=None):
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(sampler.epoch)  # random crops / flips keyed by (seed, epoch, index)
         for x, _ in loader:
-            x = x.to(device, non_blocking=True)
             gan = gan_active(step, args.disc_start)
+            chunks = x.to(device, non_blocking=True).chunk(args.grad_accum)  # [B / accum, 3, H, W] each
+            last = len(chunks) - 1
 
-            # autoencoder step: nll (+ adaptive-weighted generator term once the GAN is on)
-            with autocast(args.precision, device):
-                x_hat = model(x).float()
-                nll, l1, lp = reconstruction_loss(x, x_hat, lpips)
-                g_loss = d_weight = torch.zeros((), device=device)
-                if gan:  # the raw D: the generator step must not synchronise D's gradients
-                    g_loss = generator_loss(disc(x_hat))
-                    d_weight = adaptive_weight(nll, g_loss, last_layer, args.disc_weight)
+            # autoencoder step: nll (+ adaptive-weighted generator term once the GAN is on),
+            # gradients averaged over the micro-batches
             opt_ae.zero_grad(set_to_none=True)
-            (nll + d_weight * g_loss).backward()
+            stats, fakes = [], []
+            for i, x_m in enumerate(chunks):
+                with grad_sync(model, i == last):
+                    with autocast(args.precision, device):
+                        x_hat = model(x_m).float()
+                        nll, l1, lp = reconstruction_loss(x_m, x_hat, lpips)
+                        g_loss = d_weight = torch.zeros((), device=device)
+                        if gan:  # the raw D: the generator step must not synchronise D's gradients
+                            g_loss = generator_loss(disc(x_hat))
+                            d_weight = adaptive_weight(nll, g_loss, last_layer, args.disc_weight)
+                    ((nll + d_weight * g_loss) / len(chunks)).backward()
+                fakes.append(x_hat.detach())
+                stats.append(torch.stack([nll, l1, lp, g_loss, d_weight]).detach())
             opt_ae.step()
 
-            # discriminator step on the same, detached reconstruction; real and fake separately
+            # discriminator step on the same, detached reconstructions; real and fake separately
             d_loss = torch.zeros((), device=device)
             if gan:
-                with autocast(args.precision, device):
-                    d_loss = hinge_d_loss(disc_ddp(x), disc_ddp(x_hat.detach()))
                 opt_disc.zero_grad(set_to_none=True)
-                d_loss.backward()
+                for i, (x_m, fake) in enumerate(zip(chunks, fakes)):
+                    with grad_sync(disc_ddp, i == last):
+                        with autocast(args.precision, device):
+                            d_m = hinge_d_loss(disc_ddp(x_m), disc_ddp(fake))
+                        (d_m / len(chunks)).backward()
+                    d_loss = d_loss + d_m.detach() / len(chunks)
                 opt_disc.step()
 
             sampler.advance(x.shape[0])
@@ -332,7 +356,7 @@ def main(argv=None):
             pbar.update(1)
 
             if step % args.log_every == 0 or step == args.steps:
-                vals = dist.all_reduce_mean(torch.stack([nll, l1, lp, g_loss, d_weight, d_loss]).detach())
+                vals = dist.all_reduce_mean(torch.cat([torch.stack(stats).mean(0), d_loss.view(1)]))
                 rec = dict(zip(("nll", "l1", "lpips", "g_loss", "d_weight", "d_loss"), vals.tolist()))
                 rec.update(step=step, gan=gan)
                 history.append(rec)

@@ -108,30 +108,51 @@ def test_bf16_autocast_step_with_gan(tmp_path):
     assert hist[1]["gan"] and all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in hist)
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
-    # Eq. (6) per image, no mask draws, before disc_start: the only per-rank effects are off.
-    flags = TINY + ["--ae-set", "align=image", "mask_prob=0", "--steps", "3", "--lr", "1e-3", "--disc-start", "100"]
-    run(tmp_path / "one", *flags[len(TINY):])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "train_ae.py"), *flags, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in (tmp_path / "two" / "log.txt").read_text()
-    one, two = load(tmp_path / "one" / "checkpoints" / "0000003.pt"), load(tmp_path / "two" / "checkpoints" / "0000003.pt")
-    assert one["ae"].keys() == two["ae"].keys() and len(two["rng"]) == 2
-    # Adam turns rounding noise on a structurally zero gradient (a conv bias right before a
-    # one-channel-per-group GroupNorm, attention key biases) into +-lr steps. Every other
-    # weight must agree; a mismatch is allowed only where the first moment is ~0.
-    cfg = train_ae.ae_config(train_ae.parse_args(flags))
+# Eq. (6) per image, no mask draws, before disc_start: the only per-batch effects are off.
+SPLIT = TINY + ["--ae-set", "align=image", "mask_prob=0", "--steps", "3", "--lr", "1e-3", "--disc-start", "100"]
+
+
+def assert_same_training(one, two):
+    """Same AE weights, up to Adam's amplification of rounding noise on zero gradients.
+
+    Adam turns noise on a structurally zero gradient (a conv bias right before a
+    one-channel-per-group GroupNorm, attention key biases) into +-lr steps. Every other
+    weight must agree; a mismatch is allowed only where the first moment is ~0.
+    """
+    cfg = train_ae.ae_config(train_ae.parse_args(SPLIT))
     names = [n for n, _ in svg.SVGAutoencoder(cfg).named_parameters() if not n.startswith("dino.")]
     exp_avg = {n: one["opt_ae"]["state"][i]["exp_avg"] for i, n in enumerate(names)}
+    assert one["ae"].keys() == two["ae"].keys()
     checked = 0
     for k, a in one["ae"].items():
         off = ~torch.isclose(a, two["ae"][k], atol=1e-5, rtol=1e-4)
         assert not off.any() or exp_avg[k][off].abs().max() < 1e-3, k
         checked += (~off).sum().item()
     assert checked > 0.99 * sum(v.numel() for v in one["ae"].values())
+    for i, s in one["opt_ae"]["state"].items():  # the same gradient scale, not only direction
+        torch.testing.assert_close(s["exp_avg"], two["opt_ae"]["state"][i]["exp_avg"], atol=1e-2, rtol=0.05)
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    run(tmp_path / "one", *SPLIT[len(TINY):])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "train_ae.py"), *SPLIT, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in (tmp_path / "two" / "log.txt").read_text()
+    one, two = load(tmp_path / "one" / "checkpoints" / "0000003.pt"), load(tmp_path / "two" / "checkpoints" / "0000003.pt")
+    assert len(two["rng"]) == 2
+    assert_same_training(one, two)
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path):
+    run(tmp_path / "one", *SPLIT[len(TINY):])
+    run(tmp_path / "acc", *SPLIT[len(TINY):], "--grad-accum", 2)
+    assert_same_training(load(tmp_path / "one" / "checkpoints" / "0000003.pt"),
+                         load(tmp_path / "acc" / "checkpoints" / "0000003.pt"))
+    with pytest.raises(AssertionError, match="divisible by --grad-accum 3"):
+        run(tmp_path / "bad", "--grad-accum", 3)
 
 
 def test_bad_inputs_have_clear_errors(tmp_path, capsys):
