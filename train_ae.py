@@ -6,7 +6,7 @@ over pixels / B, plus a hinge PatchGAN with the LDM adaptive weight from --disc-
 One iteration = one autoencoder step, then one discriminator step on the same detached
 reconstruction.
 
-    # paper, 8 GPUs (global batch 512 = 64 per GPU):
+    # paper, 8 GPUs (global batch 512 = 64 per GPU, as 2 micro-batches of 32):
     torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet/train \
         --val-data /path/imagenet/val --dino-weights dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth \
         --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth
