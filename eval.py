@@ -531,11 +531,10 @@ def psnr_ssim(u_x, u_rec):
     svg.psnr / svg.ssim (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, per RGB channel,
     valid positions, population variances; pytorch-msssim's `ssim(data_range=255)` and
     skimage's `structural_similarity(gaussian_weights=True, use_sample_covariance=False,
-    data_range=255)`) use data range 2. SSIM is invariant to scaling but not to shifts
-    (its luminance term), so the images go in as u / 127.5 in [0, 2], which equals SSIM on
-    [0, 255] with data range 255, not as [-1, 1]. PSNR is 10 log10(255^2 / MSE).
+    data_range=255)`) use data range 2 on [-1, 1] images, which svg.ssim scores on [0, 2]:
+    exactly SSIM on [0, 255] with data range 255. PSNR is 10 log10(255^2 / MSE).
     """
-    x, rec = u_x.float() / 127.5, u_rec.float() / 127.5  # [B, 3, H, W] in [0, 2]
+    x, rec = u_x.float() / 127.5 - 1, u_rec.float() / 127.5 - 1  # [B, 3, H, W] in [-1, 1]
     return svg.psnr(x, rec).double(), svg.ssim(x, rec).double()
 
 

@@ -850,14 +850,16 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """SSIM per image, [B] (Wang et al. 2004): Gaussian 11x11 window, sigma 1.5, K = (0.01, 0.03).
 
-    Images in [-1, 1] (data range 2: the same value as data range 255 on [0, 255]); each
-    channel separately with 'valid' filtering (no padding), population (co)variances, averaged
-    over positions and channels, in float64. For uint8 images u pass u / 127.5 - 1.
+    Images in [-1, 1]; for uint8 images u pass u / 127.5 - 1. The luminance term is not
+    shift-invariant, so the images are moved to [0, 2] first: with data range 2 that is
+    exactly SSIM on [0, 255] with data range 255 (pytorch-msssim, skimage). Each channel
+    separately, 'valid' filtering (no padding), population (co)variances, averaged over
+    positions and channels, in float64.
     """
     B, C, H, W = x.shape  # batch, channels, height, width
     if min(H, W) < window:
         raise ValueError(f"SSIM needs images of at least {window}x{window}, got {H}x{W}")
-    x, y = x.double(), y.double()
+    x, y = x.double() + 1, y.double() + 1  # [0, 2]: the uint8 convention, see above
     g = torch.exp(-(torch.arange(window, dtype=torch.float64, device=x.device) - window // 2) ** 2
                   / (2 * sigma**2))
     g = (g / g.sum()).view(1, 1, -1)
@@ -1858,10 +1860,14 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
     dst.update(ema.named_buffers())
     if src.keys() != dst.keys():
         raise ValueError(f"EMA and model differ in tensors: {sorted(src.keys() ^ dst.keys())[:5]}")
+    floats = [name for name, e in dst.items() if e.is_floating_point()]
+    ema_f, model_f = [dst[n] for n in floats], [src[n].detach() for n in floats]
+    if decay == 0:
+        torch._foreach_copy_(ema_f, model_f)  # the exact sync at start
+    else:  # one fused multi-tensor pass instead of two kernels per tensor (~800 for SiT-XL)
+        torch._foreach_lerp_(ema_f, model_f, 1 - decay)  # ema + (1 - decay) (model - ema)
     for name, e in dst.items():
-        if e.is_floating_point():
-            e.mul_(decay).add_(src[name].detach(), alpha=1 - decay)
-        else:
+        if not e.is_floating_point():
             e.copy_(src[name])
 
 

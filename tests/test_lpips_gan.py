@@ -178,6 +178,8 @@ def test_psnr_and_ssim():
     s = svg.ssim(x, y)
     assert s.shape == (2,) and torch.allclose(svg.ssim(x, x), torch.ones(2, dtype=torch.float64))
     for i in range(2):
-        assert s[i].item() == pytest.approx(reference_ssim(x[i], y[i]), abs=1e-10)
+        # [-1, 1] images are scored as uint8 would be: SSIM of (x + 1) in [0, 2], data range 2
+        assert s[i].item() == pytest.approx(reference_ssim(x[i].double() + 1, y[i].double() + 1), abs=1e-10)
+    assert svg.ssim(x, y - 0.1)[0] != pytest.approx(reference_ssim(x[0].double(), y[0].double() - 0.1), abs=1e-6)
     with pytest.raises(ValueError, match="at least 11x11"):
         svg.ssim(x[..., :8, :8], y[..., :8, :8])
