@@ -1,8 +1,9 @@
 """Sample from a trained SVG generator: image grids, FID exports, interpolation, editing.
 
-Every subcommand rebuilds the models from the stage-2 checkpoint alone (load_generator:
-SiT with EMA weights unless --weights model, the feature statistics, the stage-1
-autoencoder) and samples with the Euler ODE of App. A (svg.sample_ode).
+Every subcommand rebuilds the models from the stage-2 checkpoint alone (svg.load_generator:
+the SiT with its EMA weights, the feature statistics, the stage-1 autoencoder) and samples
+with the Euler ODE of App. A (svg.sample_ode). The official SVG-XL file holds only the
+diffusion weights: pass its autoencoder and dinov3_sp_stats.pt with --ae and --stats.
 
     python sample.py grid   --ckpt CKPT --classes 207 360 387 974 --per-class 4
     python sample.py interp --ckpt CKPT --class-id 207                  # App. D, Eq. (7)-(8)
@@ -29,6 +30,7 @@ import argparse
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -113,7 +115,7 @@ def generate(gen, noise, y, args, device, bar=None):
 def decode(gen, z):
     """Normalised features -> SVG features (dataset statistics) -> images, clamped to [-1, 1]."""
     with torch.no_grad():
-        return gen.ae.decode(svg.denormalize_features(z.float(), gen.feature_stats)).float().clamp(-1, 1)
+        return gen.ae.decode(svg.denormalize_features(z.float(), gen.stats)).float().clamp(-1, 1)
 
 
 def feature_shape(gen):
@@ -138,10 +140,10 @@ def run_grid(args, gen, dist):
 # ----------------------------------------------------------------------------------
 def export_settings(args):
     """Everything that changes the samples; a resumed export must match it exactly."""
-    keys = ("weights", "num_samples", "labels", "seed", "steps", "method", "shift", "cfg_scale",
+    keys = ("ae", "stats", "num_samples", "labels", "seed", "steps", "method", "shift", "cfg_scale",
             "cfg_mode", "cfg_interval", "zero_init_steps", "precision", "shard_size")
     settings = {k: getattr(args, k) for k in keys}
-    settings["ckpt"] = os.path.abspath(args.ckpt)
+    settings.update({k: os.path.abspath(getattr(args, k)) for k in ("ckpt", "ae", "stats") if getattr(args, k)})
     settings["cfg_interval"] = list(settings["cfg_interval"])
     return settings
 
@@ -262,7 +264,7 @@ def edit_image(gen, image, y, source_y, mask, args, device):
     """[1, 3, H, W] image -> edited image [1, 3, H, W] in [-1, 1] (App. C)."""
     noise = sample_noise([0], feature_shape(gen), args.seed)  # [1, C, h, w]
     with torch.no_grad(), svg.autocast(args.precision, device):
-        x0 = svg.normalize_features(gen.ae.encode(image.to(device)).float(), gen.feature_stats)  # [1, C, h, w]
+        x0 = svg.normalize_features(gen.ae.encode(image.to(device)).float(), gen.stats)  # [1, C, h, w]
         z = svg.edit_features(gen.model, x0, y.to(device), mask.to(device), noise.to(device), args.t_edit,
                               args.steps, args.shift, args.cfg_scale, args.blur_sigma,
                               None if source_y is None else source_y.to(device), gen.num_classes)
@@ -289,8 +291,9 @@ def run_edit(args, gen, dist):
 # Command line
 # ----------------------------------------------------------------------------------
 def add_common(p, steps, cfg_scale, shift, out):
-    p.add_argument("--ckpt", required=True, help="stage-2 checkpoint written by train_dit.py")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (train_dit.py, or the official SVG-XL .pt)")
+    p.add_argument("--ae", default=None, help="official SVG-XL only: its autoencoder .ckpt (HF howlin/SVG)")
+    p.add_argument("--stats", default=None, help="official SVG-XL only: dinov3_sp_stats.pt (shiml20/SVG)")
     p.add_argument("--steps", type=positive_int, default=steps, help="Euler steps = NFE (App. A)")
     p.add_argument("--method", choices=svg.SAMPLER_METHODS, default="euler")
     p.add_argument("--shift", type=float, default=shift,
@@ -349,9 +352,9 @@ def main(argv=None):
         raise ValueError(f"only `export` runs across ranks: run `python sample.py {args.command} ...`")
     svg.setup_precision(args.precision)
     # No global seed: every random draw comes from a generator seeded with (seed, sample id).
-    gen = svg.load_generator(args.ckpt, ema=args.weights == "ema")
-    gen.model.to(dist.device)
-    gen.ae.to(dist.device)
+    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats)  # EMA SiT, frozen, CPU
+    gen = SimpleNamespace(model=model.to(dist.device), stats=stats, ae=ae.to(dist.device),
+                          num_classes=model.cfg.num_classes)
     {"grid": run_grid, "export": run_export, "interp": run_interp, "edit": run_edit}[args.command](args, gen, dist)
     dist.close()
 
