@@ -44,6 +44,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import re
+import tempfile
+import warnings
+from PIL import Image
 from tqdm import tqdm
 
 # Named constants (imported by the scripts, never retyped).
@@ -59,55 +63,1214 @@ SAMPLE_TIME_SHIFT = 1 / 0.15  # official sampling shift 0.15 in reversed time
 # ----------------------------------------------------------------------------------
 # Building blocks: attention, MLPs, RoPE
 # ----------------------------------------------------------------------------------
-# <<foundation: building blocks>>
+def check_images(x, what="images"):
+    """Raise a clear error unless x is [B, 3, H, W] with H, W multiples of PATCH_SIZE."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"{what} must be [B, 3, H, W] RGB tensors, got shape {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H % PATCH_SIZE or W % PATCH_SIZE:
+        raise ValueError(
+            f"{what} size {H}x{W} is not a multiple of {PATCH_SIZE} (the patch size): resize or "
+            f"centre-crop to e.g. {max(PATCH_SIZE, H // PATCH_SIZE * PATCH_SIZE)}x"
+            f"{max(PATCH_SIZE, W // PATCH_SIZE * PATCH_SIZE)} first")
+
+
+def load_strict(module, state_dict, source):
+    """load_state_dict(strict=True), but the error names a few offending keys and the source."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    problems = [f"{name} ({len(keys)}): {keys[:4]}" for name, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes))
+                if keys]
+    if problems:
+        raise ValueError(f"cannot load {source}: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)  # copies (and casts, e.g. bf16 -> fp32)
+
+
+def rope_rotate_half(x):
+    """Rotate-half (NeoX) pairing: dim i is rotated with dim i + D/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rope_apply(x, sin, cos):
+    return x * cos + rope_rotate_half(x) * sin
+
+
+class RopePositionEmbedding(nn.Module):
+    """DINOv3 2D axial RoPE: sin/cos tables for an h x w patch grid ('separate' coords)."""
+
+    def __init__(self, head_dim, base=100.0):
+        super().__init__()
+        k = torch.arange(head_dim // 4, dtype=torch.float32)
+        periods = base ** (2 * k / (head_dim // 2))  # 100**(k/16) for head_dim 64
+        # The released checkpoints store periods in bf16; rounding here makes a fresh model
+        # equal the released one. load_state_dict overwrites it from the file anyway.
+        self.register_buffer("periods", periods.to(torch.bfloat16).float(), persistent=True)
+
+    def forward(self, h, w):
+        # No training-time augmentation (shift / jitter / coordinate rescale) exists here: the
+        # official model applies a random rescale in train mode; DINO is frozen, so we never do.
+        dev = self.periods.device
+        coords_h = torch.arange(0.5, h, device=dev, dtype=torch.float32) / h
+        coords_w = torch.arange(0.5, w, device=dev, dtype=torch.float32) / w
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), -1)  # [h, w, 2]
+        coords = 2.0 * coords.flatten(0, 1) - 1.0  # [hw, 2] (y, x) in (-1, 1)
+        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]  # [hw, 2, D/4]
+        angles = angles.flatten(1, 2).tile(2)  # [hw, D]: [y, x, y, x] blocks
+        return torch.sin(angles), torch.cos(angles)
+
+
+class LinearKMaskedBias(nn.Linear):
+    """qkv projection whose bias is multiplied by a stored mask (DINOv3's masked k bias)."""
+
+    def __init__(self, dim):
+        super().__init__(dim, 3 * dim)
+        self.register_buffer("bias_mask", torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)]))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias * self.bias_mask)
+
+
+class SwiGLUFFN(nn.Module):
+    """Gated FFN w3(silu(w1 x) * w2 x) of DINOv3 ViT-S/16+."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class Mlp(nn.Module):
+    """Two-layer transformer MLP fc1 -> GELU -> fc2 (ViT; approximate='tanh' for DiT/SiT)."""
+
+    def __init__(self, dim, hidden, approximate="none"):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale x * gamma (CaiT / DINOv3)."""
+
+    def __init__(self, dim, init=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping 16x16 patchify conv: [B, 3, H, W] -> [B, hw, C] (row-major)."""
+
+    def __init__(self, dim, patch_size=PATCH_SIZE):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, hw, C]
 
 
 # ----------------------------------------------------------------------------------
 # DINOv3 ViT: the frozen semantic encoder F_D (Sec. 3.3, Fig. 3)
 # ----------------------------------------------------------------------------------
-# <<foundation: dinov3>>
+DINOV3_ARCHS = {  # dinov3/hub/backbones.py; all: patch 16, 4 registers, RoPE base 100, LN eps 1e-5
+    "dinov3_vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn="mlp", ffn_hidden=1536),
+    "dinov3_vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn="swiglu", ffn_hidden=1536),
+    "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp", ffn_hidden=3072),
+    "dinov3_tiny": dict(embed_dim=128, depth=2, num_heads=2, ffn="swiglu", ffn_hidden=256),  # tests
+}
+DINOV3_FILES = {  # Meta's release names (request access at https://ai.meta.com/dinov3/)
+    "dinov3_vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+    "dinov3_vits16plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
+    "dinov3_vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
+}
+DINOV3_NUM_REGISTERS = 4
+
+
+class DinoAttention(nn.Module):
+    """DINOv3 self-attention with RoPE on the patch tokens (the 5 prefix tokens are not rotated)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv, self.proj = LinearKMaskedBias(dim), nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, N, C = x.shape  # batch, tokens (1 + 4 + hw), channels
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, N, Dh]
+        sin, cos = rope
+        prefix = N - sin.shape[0]
+        q, k = (torch.cat([t[:, :, :prefix], rope_apply(t[:, :, prefix:].float(), sin, cos).to(t.dtype)], 2)
+                for t in (q, k))  # RoPE in fp32, cast back
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, Dh]
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # [B, N, C]
+
+
+class DinoBlock(nn.Module):
+    """Pre-norm DINOv3 transformer block with LayerScale."""
+
+    def __init__(self, dim, num_heads, ffn, ffn_hidden):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
+        self.attn = DinoAttention(dim, num_heads)
+        self.mlp = SwiGLUFFN(dim, ffn_hidden) if ffn == "swiglu" else Mlp(dim, ffn_hidden)
+        self.ls1, self.ls2 = LayerScale(dim), LayerScale(dim)
+
+    def forward(self, x, rope):
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DinoV3(nn.Module):
+    """DINOv3 ViT (Simeoni et al. 2025): the frozen semantic encoder giving F_D (Sec. 3.3).
+
+    Input: ImageNet-normalised images [B, 3, H, W], H and W multiples of 16. Token order:
+    [CLS, 4 registers ("storage tokens"), h*w patches row-major]. state_dict keys and shapes
+    are those of Meta's released .pth files.
+    """
+
+    def __init__(self, arch="dinov3_vits16plus"):
+        super().__init__()
+        if arch not in DINOV3_ARCHS:
+            raise ValueError(f"unknown DINOv3 arch {arch!r}; choose from {sorted(DINOV3_ARCHS)}")
+        a = DINOV3_ARCHS[arch]
+        self.arch, C = arch, a["embed_dim"]
+        self.embed_dim, self.num_heads = C, a["num_heads"]
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, C))
+        self.storage_tokens = nn.Parameter(0.02 * torch.randn(1, DINOV3_NUM_REGISTERS, C))
+        self.mask_token = nn.Parameter(torch.zeros(1, C))  # iBOT masking; unused at inference
+        self.patch_embed = PatchEmbed(C)
+        self.rope_embed = RopePositionEmbedding(C // a["num_heads"])
+        self.blocks = nn.ModuleList(DinoBlock(C, a["num_heads"], a["ffn"], a["ffn_hidden"])
+                                    for _ in range(a["depth"]))
+        self.norm = nn.LayerNorm(C, eps=1e-5)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def _blocks(self, x, take):
+        """Raw (pre-norm) outputs [B, N, C], all tokens, of the 0-based blocks listed in take."""
+        check_images(x, "DINOv3 input")
+        h, w = x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE
+        B = x.shape[0]
+        tokens = self.patch_embed(x)  # [B, hw, C]
+        prefix = torch.cat([self.cls_token, self.storage_tokens], 1).expand(B, -1, -1)  # [B, 5, C]
+        tokens = torch.cat([prefix.to(tokens.dtype), tokens], 1)  # [B, 5 + hw, C]
+        rope = self.rope_embed(h, w)
+        outs = {}
+        for i, blk in enumerate(self.blocks[: max(take) + 1]):  # stop after the last block needed
+            tokens = blk(tokens, rope)
+            outs[i] = tokens
+        return [outs[i] for i in take]
+
+    def forward_features(self, x):
+        x_prenorm = self._blocks(x, [len(self.blocks) - 1])[0]
+        x_norm = self.norm(x_prenorm)
+        R = DINOV3_NUM_REGISTERS
+        return dict(x_norm_clstoken=x_norm[:, 0], x_storage_tokens=x_norm[:, 1:1 + R],
+                    x_norm_patchtokens=x_norm[:, 1 + R:], x_prenorm=x_prenorm)
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]  # [B, C]
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False,
+                                return_extra_tokens=False, norm=True):
+        """Outputs of the last n blocks (int n) or of the 0-based blocks listed in n."""
+        depth = len(self.blocks)
+        take = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
+        if not take or min(take) < 0 or max(take) >= depth:
+            raise ValueError(f"block indices {take} out of range for a {depth}-block DINOv3")
+        outs = [self.norm(o) if norm else o for o in self._blocks(x, take)]
+        R, (B, _, H, W) = DINOV3_NUM_REGISTERS, x.shape
+        cls, extra = [o[:, 0] for o in outs], [o[:, 1:1 + R] for o in outs]
+        patches = [o[:, 1 + R:] for o in outs]  # [B, hw, C]
+        if reshape:
+            patches = [p.reshape(B, H // PATCH_SIZE, W // PATCH_SIZE, -1).permute(0, 3, 1, 2).contiguous()
+                       for p in patches]  # [B, C, h, w]
+        extras = [t for t, on in ((cls, return_class_token), (extra, return_extra_tokens)) if on]
+        return tuple(zip(patches, *extras)) if extras else tuple(patches)
+
+
+def _dinov3_from_hf(sd):
+    """Hugging Face DINOv3ViTModel keys (transformers 4.56+ 'layer.N', 5.x 'model.layer.N') -> Meta's."""
+    swiglu = any(".gate_proj." in k for k in sd)
+    rules = [(r"^embeddings\.cls_token$", "cls_token"), (r"^embeddings\.register_tokens$", "storage_tokens"),
+             (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."), (r"^layer\.(\d+)\.", r"blocks.\1."),
+             (r"\.attention\.o_proj\.", ".attn.proj."), (r"\.layer_scale(\d)\.lambda1$", r".ls\1.gamma"),
+             (r"\.mlp\.gate_proj\.", ".mlp.w1."), (r"\.mlp\.up_proj\.", ".mlp.w2." if swiglu else ".mlp.fc1."),
+             (r"\.mlp\.down_proj\.", ".mlp.w3." if swiglu else ".mlp.fc2.")]
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        k = k.removeprefix("model.")
+        if k.endswith("rope_embeddings.inv_freq"):  # recomputed by HF, never stored by Meta
+            continue
+        if k == "embeddings.mask_token":
+            out["mask_token"] = v.reshape(1, -1)  # HF (1, 1, C) -> Meta (1, C)
+            continue
+        for pattern, repl in rules:
+            k = re.sub(pattern, repl, k)
+        m = re.fullmatch(r"(blocks\.\d+\.)attention\.([qkv])_proj\.(weight|bias)", k)
+        if m:
+            qkv.setdefault(m[1], {})[m[2] + m[3]] = v
+        else:
+            out[k] = v  # anything unknown stays as is and is reported by load_strict
+    for blk, p in qkv.items():  # q, k, v -> one qkv; HF has no k bias (Meta's mask zeroes it)
+        if not all(n + "weight" in p for n in "qkv"):
+            raise ValueError(f"HF DINOv3 {blk} lacks some of q_proj/k_proj/v_proj weights")
+        out[blk + "attn.qkv.weight"] = torch.cat([p[n + "weight"] for n in "qkv"])  # [3C, C]
+        zero = torch.zeros_like(p["qweight"][:, 0])
+        one = torch.ones_like(zero)
+        out[blk + "attn.qkv.bias"] = torch.cat([p.get("qbias", zero), zero, p.get("vbias", zero)])  # [3C]
+        out[blk + "attn.qkv.bias_mask"] = torch.cat([one, zero, one])
+    return out
+
+
+def dinov3_state_dict(sd, arch):
+    """Any supported DINOv3 layout (Meta .pth, HF safetensors / .bin) -> Meta's keys, checked for arch."""
+    a = DINOV3_ARCHS[arch]
+    if any(k.startswith(("embeddings.", "layer.", "model.layer.")) for k in sd):
+        sd = _dinov3_from_hf(sd)
+        sd.setdefault("rope_embed.periods", RopePositionEmbedding(a["embed_dim"] // a["num_heads"]).periods)
+    sd = dict(sd)
+    if "rope_embed.periods" in sd:
+        sd["rope_embed.periods"] = sd["rope_embed.periods"].float()  # released file: bf16
+    if "cls_token" in sd:  # name the arch the file was made for when it is not `arch`
+        embed = sd["cls_token"].shape[-1]
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        ffn = "swiglu" if any(".mlp.w1." in k for k in sd) else "mlp"
+        if (embed, depth, ffn) != (a["embed_dim"], a["depth"], a["ffn"]):
+            name = next((n for n, b in DINOV3_ARCHS.items()
+                         if (b["embed_dim"], b["depth"], b["ffn"]) == (embed, depth, ffn)), None)
+            hint = f"this looks like a {name} checkpoint; pass arch={name!r}" if name else \
+                "it matches no entry of DINOV3_ARCHS"
+            raise ValueError(f"DINOv3 weights have embed {embed}, {depth} blocks, {ffn} FFN but arch={arch!r} "
+                             f"expects embed {a['embed_dim']}, {a['depth']} blocks, {a['ffn']} FFN: {hint}")
+    return sd
+
+
+def _read_weights(path):
+    """A state dict from .pth / .bin (torch.load) or .safetensors (optional safetensors package)."""
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors "
+                              "(or pass Meta's .pth file instead)") from e
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_dinov3(path, arch="dinov3_vits16plus"):
+    """Frozen eval DinoV3 from Meta's .pth or a Hugging Face model.safetensors / pytorch_model.bin."""
+    if arch not in DINOV3_ARCHS:
+        raise ValueError(f"unknown DINOv3 arch {arch!r}; choose from {sorted(DINOV3_ARCHS)}")
+    if os.path.isdir(path):  # a Hugging Face snapshot folder
+        path = next((os.path.join(path, f) for f in ("model.safetensors", "pytorch_model.bin")
+                     if os.path.exists(os.path.join(path, f))), path)
+    if not os.path.isfile(path):
+        hf = "facebook/" + arch.replace("_", "-") + "-pretrain-lvd1689m"
+        raise FileNotFoundError(
+            f"DINOv3 weights not found at {path!r}. Fetch {DINOV3_FILES.get(arch, 'the ' + arch + ' .pth')} "
+            f"from Meta's DINOv3 download form (https://ai.meta.com/dinov3/) or model.safetensors from the "
+            f"Hugging Face repo {hf}, then pass its path (e.g. --dino-weights /path/to/file).")
+    model = DinoV3(arch)
+    load_strict(model, dinov3_state_dict(_read_weights(path), arch), f"{path} as {arch}")
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------
 # Residual encoder F_R and distribution alignment (Sec. 3.3, Eq. 6)
 # ----------------------------------------------------------------------------------
-# <<foundation: residual encoder and alignment>>
+class ViTEncoderBlock(nn.Module):
+    """Pre-norm ViT block (torchvision EncoderBlock names: ln_1, self_attention, ln_2, mlp.0/mlp.3)."""
+
+    def __init__(self, dim, heads, mlp_dim, dropout):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(mlp_dim, dim), nn.Dropout(dropout))
+        for lin in (self.mlp[0], self.mlp[3]):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.normal_(lin.bias, std=1e-6)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.dropout(self.self_attention(y, y, y, need_weights=False)[0])
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViTEncoder(nn.Module):
+    """Learned position embedding + blocks + final LayerNorm (torchvision Encoder names)."""
+
+    def __init__(self, num_tokens, dim, depth, heads, mlp_dim, dropout):
+        super().__init__()
+        self.pos_embedding = nn.Parameter(0.02 * torch.randn(1, num_tokens, dim))
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.Sequential()
+        for i in range(depth):
+            self.layers.add_module(f"encoder_layer_{i}", ViTEncoderBlock(dim, heads, mlp_dim, dropout))
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x, h, w):
+        pos = self.pos_embedding  # [1, 1 + n*n, D] for the training image size
+        n = math.isqrt(pos.shape[1] - 1)
+        if (h, w) != (n, n):  # another input size: bicubic-resize the grid part (not in the official code)
+            grid = pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # [1, D, n, n]
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)  # [1, D, h, w]
+            pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)  # [1, 1 + hw, D]
+        return self.ln(self.layers(self.dropout(x + pos)))
+
+
+class ResidualEncoder(nn.Module):
+    """Residual encoder F_R (Sec. 3.3): a small ViT over the 16x16 patches -> [B, 8, h, w]."""
+
+    def __init__(self, image_size=256, depth=6, width=384, heads=8, mlp_dim=1536, dropout=0.1,
+                 out_dim=RESIDUAL_DIM):
+        super().__init__()
+        n = image_size // PATCH_SIZE
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width))  # dropped after the encoder
+        self.conv_proj = nn.Conv2d(3, width, PATCH_SIZE, stride=PATCH_SIZE)
+        self.encoder = ViTEncoder(1 + n * n, width, depth, heads, mlp_dim, dropout)
+        self.heads = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim))
+
+    def forward(self, x):
+        """x: ImageNet-normalised images (the same tensor DINO gets)."""
+        B, _, H, W = x.shape
+        h, w = H // PATCH_SIZE, W // PATCH_SIZE
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # [B, hw, D]
+        x = torch.cat([self.class_token.expand(B, -1, -1), x], 1)  # [B, 1 + hw, D]
+        x = self.heads(self.encoder(x, h, w)[:, 1:])  # [B, hw, 8]
+        return x.transpose(1, 2).reshape(B, -1, h, w)  # [B, 8, h, w]
+
+
+def align_residual(f_r, f_d, per_image=False, eps=1e-6):
+    """Distribution alignment, Eq. (6): F_R-hat = (F_R - mu(F_R)) / sigma(F_R) * sigma(F_D) + mu(F_D).
+
+    mu, sigma: per-channel mean / unbiased std over batch and tokens (per_image: over each
+    image's tokens only), averaged over channels to scalars, detached (the official
+    statistics). No running statistics: they come from the tensors passed in.
+    """
+    dims = (2, 3) if per_image else (0, 2, 3)
+
+    def mu(f):
+        return f.mean(dim=dims).mean(-1).reshape(-1, 1, 1, 1).detach()  # [B or 1, 1, 1, 1]
+
+    def sigma(f):
+        return f.std(dim=dims).mean(-1).reshape(-1, 1, 1, 1).detach()
+
+    return (f_r - mu(f_r)) / (sigma(f_r) + eps) * sigma(f_d) + mu(f_d)  # Eq. (6)
 
 
 # ----------------------------------------------------------------------------------
 # SVG decoder: the LDM / VA-VAE convolutional decoder (Sec. 3.3)
 # ----------------------------------------------------------------------------------
-# <<foundation: decoder>>
+def group_norm(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """LDM residual block: (GroupNorm, swish, conv3x3) x 2 with a 1x1 shortcut when widths differ."""
+
+    def __init__(self, c_in, c_out, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.dropout = group_norm(c_out), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))  # [B, c_out, H, W]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """LDM single-head spatial self-attention (1x1-conv q, k, v, proj_out), via SDPA."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (conv(h).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))  # [B, 1, HW, C]
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, [B, 1, HW, C]
+        return x + self.proj_out(h[:, 0].transpose(1, 2).reshape(B, C, H, W))
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then conv3x3."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # [B, C, 2H, 2W]
+
+
+class Decoder(nn.Module):
+    """SVG decoder: the LDM / VA-VAE conv decoder (Rombach et al. 2022), features -> pixels (Sec. 3.3).
+
+    attn_resolutions count in image pixels / 2**levels as in LDM: with image_size 256 and 5
+    levels the features are 16x16 and attention at 16 means the lowest level.
+    """
+
+    def __init__(self, z_channels, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                 attn_resolutions=(16,), image_size=256, dropout=0.0):
+        super().__init__()
+        block_in = ch * ch_mult[-1]
+        res = image_size // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        levels = []
+        for i_level in reversed(range(len(ch_mult))):  # lowest resolution first
+            level, block_out = nn.Module(), ch * ch_mult[i_level]
+            level.block = nn.ModuleList()
+            level.attn = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if res in attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            level.upsample = Upsample(block_in) if i_level != 0 else nn.Identity()
+            res *= 2
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)  # indexed by level: up[0] is full resolution
+        self.norm_out = group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)  # [B, ch * ch_mult[-1], h, w]
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            h = level.upsample(h)  # [B, C, 2h, 2w] (identity at full resolution)
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 16h, 16w]
 
 
 # ----------------------------------------------------------------------------------
 # SVG autoencoder: DINO + residual encoder + decoder (Fig. 3)
 # ----------------------------------------------------------------------------------
-# <<foundation: autoencoder and official import>>
+@dataclass
+class AEConfig:
+    """SVG autoencoder settings (Sec. 3.3, App. A; defaults = the official 256px model)."""
+
+    dino_arch: str = "dinov3_vits16plus"
+    image_size: int = 256  # training size: sizes the residual pos-embedding and decoder attention
+    dino_layer: int | None = None  # None: last block, normed; k: block k (0-based), normed (App. E, Table 6)
+    use_residual: bool = True  # False: DINO-only features (Table 4, row 1)
+    align: str = "batch"  # Eq. (6) statistics over the batch ("batch"), per image ("image"), "none" (Table 4, row 2)
+    mask_prob: float = 0.1  # stage-1 training: replace a sample's whole F_R by a learned token
+    residual_depth: int = 6
+    residual_width: int = 384
+    residual_heads: int = 8
+    residual_mlp: int = 1536
+    residual_dropout: float = 0.1
+    decoder_ch: int = 128
+    decoder_ch_mult: tuple = (1, 1, 2, 2, 4)
+    decoder_num_res_blocks: int = 2
+    decoder_attn_resolutions: tuple = (16,)
+    decoder_dropout: float = 0.0
+
+    def __post_init__(self):
+        self.decoder_ch_mult = tuple(self.decoder_ch_mult)  # lists after a JSON round trip
+        self.decoder_attn_resolutions = tuple(self.decoder_attn_resolutions)
+        if self.dino_arch not in DINOV3_ARCHS:
+            raise ValueError(f"dino_arch {self.dino_arch!r} unknown; choose from {sorted(DINOV3_ARCHS)}")
+        if self.align not in ("batch", "image", "none"):
+            raise ValueError(f"align must be 'batch', 'image' or 'none', got {self.align!r}")
+        depth = DINOV3_ARCHS[self.dino_arch]["depth"]
+        if self.dino_layer is not None and not 0 <= self.dino_layer < depth:
+            raise ValueError(f"dino_layer {self.dino_layer} out of range: {self.dino_arch} has blocks 0..{depth - 1}")
+        if self.image_size % PATCH_SIZE:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of {PATCH_SIZE}")
+
+
+AE_PRESETS = {
+    "paper": AEConfig(),  # official f16d392 autoencoder, 256px
+    "tiny": AEConfig(image_size=64, residual_depth=2, residual_width=128, residual_heads=4, residual_mlp=256,
+                     residual_dropout=0.0, decoder_ch=32, decoder_num_res_blocks=1, decoder_attn_resolutions=(4,)),
+}
+
+
+class SVGAutoencoder(nn.Module):
+    """SVG autoencoder (Sec. 3.3, Fig. 3): frozen DINOv3 F_D + residual F_R (Eq. 6) -> LDM decoder."""
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dino = DinoV3(cfg.dino_arch).eval().requires_grad_(False)
+        self.residual = ResidualEncoder(cfg.image_size, cfg.residual_depth, cfg.residual_width, cfg.residual_heads,
+                                        cfg.residual_mlp, cfg.residual_dropout) if cfg.use_residual else None
+        if cfg.use_residual and cfg.mask_prob > 0:
+            self.mask_token = nn.Parameter(0.02 * torch.randn(1, RESIDUAL_DIM, 1, 1))
+        self.feature_dim = self.dino.embed_dim + (RESIDUAL_DIM if cfg.use_residual else 0)  # 392 / 384
+        self.decoder = Decoder(self.feature_dim, cfg.decoder_ch, cfg.decoder_ch_mult, cfg.decoder_num_res_blocks,
+                               cfg.decoder_attn_resolutions, cfg.image_size, cfg.decoder_dropout)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.dino.eval()  # DINO is frozen and never in train mode
+        return self
+
+    def trainable_parameters(self):
+        """Residual encoder, mask token and decoder (stage 1); never DINO."""
+        return [p for n, p in self.named_parameters() if not n.startswith("dino.")]
+
+    @torch.no_grad()
+    def dino_features(self, x):
+        """F_D: normed patch tokens of the last (or cfg.dino_layer) block, [B, C_D, h, w]."""
+        layer = len(self.dino.blocks) - 1 if self.cfg.dino_layer is None else self.cfg.dino_layer
+        return self.dino.get_intermediate_layers(x, n=[layer], reshape=True, norm=True)[0]
+
+    def encode(self, x):
+        """Images in [-1, 1], [B, 3, H, W] -> SVG features [B, C, H/16, W/16], DINO channels first."""
+        check_images(x, "encode input")
+        x = ((x + 1) / 2 - self.mean) / self.std  # ImageNet normalisation, the input of both encoders
+        f_d = self.dino_features(x)  # [B, 384, h, w]
+        if self.residual is None:
+            return f_d
+        f_r = self.residual(x)  # [B, 8, h, w]
+        if self.training and hasattr(self, "mask_token"):  # stage-1 mask augmentation (App. A)
+            drop = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.cfg.mask_prob
+            f_r = torch.where(drop, self.mask_token.to(f_r.dtype).expand_as(f_r), f_r)
+        if self.cfg.align != "none":
+            f_r = align_residual(f_r, f_d, per_image=self.cfg.align == "image")  # Eq. (6)
+        return torch.cat([f_d, f_r], 1)  # [B, 392, h, w]
+
+    def decode(self, z):
+        """SVG features [B, C, h, w] -> images [B, 3, 16h, 16w] (about [-1, 1], not clamped)."""
+        if z.ndim != 4 or z.shape[1] != self.feature_dim:
+            kind = ("DINO + residual" if self.cfg.use_residual else "DINO-only")
+            hint = " (384 = DINO-only features, 392 = DINO + 8 residual channels)" \
+                if {int(z.shape[1]) if z.ndim == 4 else -1, self.feature_dim} == {384, 392} else ""
+            raise ValueError(f"decode expects z of shape [B, {self.feature_dim}, h, w] ({kind} autoencoder), "
+                             f"got {tuple(z.shape)}{hint}")
+        return self.decoder(z)
+
+
+def import_official_autoencoder(state_dict, cfg=AE_PRESETS["paper"]):
+    """Official Lightning .ckpt state_dict (encoder./extra_vit./mask_token/decoder.) -> SVGAutoencoder."""
+    state_dict = state_dict.get("state_dict", state_dict)
+    dino = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    sd = {"dino." + k: v for k, v in dinov3_state_dict(dino, cfg.dino_arch).items()}
+    for k, v in state_dict.items():
+        if k.startswith(("encoder.", "loss.", "norm_vit.")):  # loss.*, norm_vit.*: training loss, unused LayerNorm
+            continue
+        if k == "mask_token":
+            v = v.reshape(1, RESIDUAL_DIM, 1, 1)  # official [1, 8, 1] over tokens
+        sd["residual." + k[len("extra_vit."):] if k.startswith("extra_vit.") else k] = v  # torchvision ViT names
+    model = SVGAutoencoder(cfg)
+    load_strict(model, sd, f"the official SVG autoencoder checkpoint into SVGAutoencoder({cfg.dino_arch}, "
+                           f"use_residual={cfg.use_residual}, image_size={cfg.image_size})")
+    return model.eval().requires_grad_(False)
+
+
+def load_autoencoder(path_or_dict, dino_weights=None):
+    """Frozen eval SVGAutoencoder from a stage-1 checkpoint ("ae_config", "ae") or an official .ckpt.
+
+    dino_weights: a DINOv3 file (see load_dinov3) that replaces the checkpoint's DINO weights;
+    required when the checkpoint was saved without them. Only load checkpoints you trust
+    (Lightning .ckpt files hold pickled Python objects).
+    """
+    ckpt = path_or_dict
+    if not isinstance(ckpt, dict):
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"autoencoder checkpoint {ckpt!r} not found: pass a stage-1 checkpoint written "
+                                    "by train_ae.py, or the official SVG autoencoder .ckpt (HF repo howlin/SVG)")
+        ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if "ae_config" in ckpt and "ae" in ckpt:
+        cfg, sd = AEConfig(**ckpt["ae_config"]), dict(ckpt["ae"])
+        prefix = "dino."
+    elif "state_dict" in ckpt or any(k.startswith("extra_vit.") or k.startswith("encoder.") for k in ckpt):
+        sd, prefix = dict(ckpt.get("state_dict", ckpt)), "encoder."
+        cfg = AE_PRESETS["paper"]
+        if "mask_token" not in sd:  # trained without mask augmentation (official mask_ratio -1)
+            cfg = AEConfig(**{**asdict(cfg), "mask_prob": 0.0})
+    else:
+        raise ValueError(f"unrecognised autoencoder checkpoint (top-level keys {list(ckpt)[:6]}): expected a stage-1 "
+                         "checkpoint with 'ae_config' and 'ae', or an official Lightning .ckpt with 'state_dict'")
+    if dino_weights is not None:
+        sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+        sd.update({prefix + k: v for k, v in load_dinov3(dino_weights, cfg.dino_arch).state_dict().items()})
+    elif not any(k.startswith(prefix) for k in sd):
+        raise ValueError(f"the checkpoint has no DINO weights ({prefix}*): pass dino_weights=<path to "
+                         f"{DINOV3_FILES.get(cfg.dino_arch, cfg.dino_arch + ' weights')}>")
+    if prefix == "encoder.":
+        return import_official_autoencoder(sd, cfg)
+    model = SVGAutoencoder(cfg)
+    load_strict(model, sd, f"the stage-1 checkpoint into SVGAutoencoder({cfg.dino_arch}, "
+                           f"use_residual={cfg.use_residual}, image_size={cfg.image_size})")
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------
 # LPIPS v0.1 (VGG16): perceptual loss and metric
 # ----------------------------------------------------------------------------------
-# <<stage1: lpips>>
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # = 2 * IMAGENET_MEAN - 1: ImageNet normalisation of (x+1)/2
+LPIPS_SCALE = (0.458, 0.448, 0.450)  # = 2 * IMAGENET_STD
+VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+LPIPS_TAPS = (3, 8, 15, 22, 29)  # torchvision vgg16.features indices of relu1_2, 2_2, 3_3, 4_3, 5_3
+LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_HEADS_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/master/"
+                   "lpips/weights/v0.1/vgg.pth")
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with a VGG16 trunk (Zhang et al. 2018): the perceptual loss and metric (App. A).
+
+    d(x, y) = sum_l mean_hw( w_l . (n_l(x) - n_l(y))^2 ), n_l = VGG16 activations at tap l
+    unit-normalised over channels. Always frozen and in eval mode. The official heads are
+    Dropout(0.5) + 1x1 conv and taming/LDM train with that dropout active (Lightning calls
+    .train() on the loss module); we keep eval so the loss is deterministic and is exactly
+    the LPIPS metric (the lpips package also builds it in eval mode by default).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
+        layers, c_in = [], 3
+        for v in VGG16_FEATURES:  # named like torchvision's vgg16().features[0:30]
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU()]
+                c_in = v
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: never in train mode
+
+    def taps(self, x: torch.Tensor) -> list:
+        """VGG16 activations at the five LPIPS taps for images in [-1, 1]."""
+        h, out = (x - self.shift) / self.scale, []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in LPIPS_TAPS:
+                out.append(h.float())  # [B, C_l, H/2^l, W/2^l]; the distance in fp32
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance per image, [B], for x, y [B, 3, H, W] in [-1, 1]."""
+        n = x.shape[0]
+        f = self.taps(torch.cat([x, y]))  # one trunk pass for both
+        d = 0
+        for f_l, lin in zip(f, self.lins):
+            f_l = f_l / (f_l.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
+            d = d + lin((f_l[:n] - f_l[n:]).pow(2)).mean((1, 2, 3))  # [B]
+        return d
+
+
+def _load_state(path, url: str, what: str, how: str) -> dict:
+    """A state dict from `path`, or from `url` via torch.hub when path is None (needs internet)."""
+    if path is None:
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+        except Exception as e:  # offline, proxy, ...
+            raise FileNotFoundError(f"no {what} path given and downloading {url} failed ({e}). "
+                                    f"Fetch it and pass {how}") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} not found. Fetch it from {url} and pass {how}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_lpips(vgg_path=None, heads_path=None) -> LPIPS:
+    """LPIPS from torchvision's vgg16-397923af.pth and the LPIPS v0.1 heads vgg.pth (strict).
+
+    vgg_path: keys features.{0,2,...,28}.{weight,bias} (classifier.* is ignored).
+    heads_path: keys lin{0..4}.model.1.weight (the lpips package's weights/v0.1/vgg.pth, also
+    taming-transformers' vgg_lpips; same file). A None path downloads the public file with
+    torch.hub (cached in ~/.cache/torch/hub) and fails with these instructions when offline.
+    """
+    lp = LPIPS()
+    vgg = _load_state(vgg_path, VGG16_URL, "VGG16 (torchvision IMAGENET1K_V1)",
+                      "its path as vgg_path / --lpips-vgg")
+    heads = _load_state(heads_path, LPIPS_HEADS_URL, "LPIPS v0.1 VGG heads (vgg.pth, 7 KB)",
+                        "its path as heads_path / --lpips-heads (it also ships in `pip download "
+                        "lpips --no-deps`, lpips/weights/v0.1/vgg.pth)")
+    if any(k.startswith("lin") for k in vgg):
+        raise ValueError(f"{vgg_path!r} holds LPIPS heads, not VGG16: pass it as heads_path / --lpips-heads")
+    trunk = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
+    unexpected = [k for k in vgg if not k.startswith(("features.", "classifier."))]
+    expected = lp.features.state_dict().keys()
+    missing = sorted(expected - trunk.keys())
+    if missing or unexpected or trunk.keys() != expected:
+        raise ValueError(f"{vgg_path!r} is not torchvision's vgg16 state dict: missing "
+                         f"{['features.' + k for k in missing][:4]}, unexpected "
+                         f"{(unexpected + ['features.' + k for k in trunk.keys() - expected])[:4]}. "
+                         f"Expected keys features.{{0,2,...,28}}.{{weight,bias}} ({VGG16_URL})")
+    head_keys = [f"lin{i}.model.1.weight" for i in range(len(LPIPS_CHANNELS))]
+    if sorted(heads) != head_keys:
+        raise ValueError(f"{heads_path!r} is not the LPIPS v0.1 heads file: keys {sorted(heads)[:6]}, "
+                         f"expected exactly {head_keys} (lpips/weights/v0.1/vgg.pth)")
+    try:
+        lp.features.load_state_dict(trunk)
+        lp.lins.load_state_dict({f"{i}.weight": heads[k] for i, k in enumerate(head_keys)})
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"LPIPS weights have the wrong shapes: {e}") from e
+    return lp
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image, [B], for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (x.float() - y.float()).pow(2).mean((1, 2, 3))
+    return 10 * torch.log10(4 / mse.clamp_min(1e-12))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per image, [B] (Wang et al. 2004): Gaussian 11x11 window, sigma 1.5, K = (0.01, 0.03).
+
+    Images in [-1, 1] (data range 2, the same constants as 255 on uint8); each channel
+    separately with 'valid' filtering (no padding), averaged over pixels and channels.
+    """
+    x, y = x.float(), y.float()
+    C = x.shape[1]
+    g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - window // 2) ** 2
+                  / (2 * sigma**2))
+    g = (g / g.sum()).view(1, 1, -1)
+    w = (g.transpose(1, 2) @ g).expand(C, 1, window, window)  # [C,1,k,k] separable Gaussian
+
+    def blur(t):
+        return F.conv2d(t, w, groups=C)  # [B,C,H-k+1,W-k+1]
+
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.mean((1, 2, 3))
 
 
 # ----------------------------------------------------------------------------------
 # PatchGAN discriminator and the stage-1 reconstruction loss (App. A)
 # ----------------------------------------------------------------------------------
-# <<stage1: patchgan and loss>>
+PERCEPTUAL_WEIGHT = 1.0  # LPIPS weight in the reconstruction loss (official)
+DISC_WEIGHT = 0.5  # scale of the adaptive GAN weight (official)
+ADAPTIVE_WEIGHT_MAX = 1e4  # clamp of ||grad nll|| / ||grad g|| (LDM)
+ADAM_BETAS_GAN = (0.5, 0.9)  # Adam betas of both the autoencoder and the discriminator (App. A)
+
+
+class PatchGAN(nn.Module):
+    """PatchGAN discriminator D (Isola et al. 2017; taming's NLayerDiscriminator) of the AE loss.
+
+    3 stride-2/1 conv layers with BatchNorm and LeakyReLU(0.2), ndf 64: 70x70 receptive field,
+    one real/fake logit per patch ([B, 1, 30, 30] for 256 px). Keys main.{0,2,3,5,...,11}.*
+    match taming, so its weights load directly. BatchNorm uses per-process batch statistics.
+    """
+
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        c = ndf
+        for i in range(1, n_layers + 1):  # the last one has stride 1
+            c_out = ndf * min(2**i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False),
+                       nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # taming's weights_init (conv biases keep PyTorch's default)
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)  # [B,3,H,W] -> [B,1,H/8-2,W/8-2] patch logits
+
+
+def reconstruction_loss(x, x_hat, lpips=None, perceptual_weight: float = PERCEPTUAL_WEIGHT):
+    """The LDM reconstruction term: sum over pixels of |x - x_hat| + w * LPIPS(x, x_hat), / B.
+
+    The official loss divides by exp(logvar) and adds logvar, but logvar is in no optimiser
+    and stays 0, so it is dropped. LPIPS [B] broadcasts over all 3HW pixels before the sum,
+    as officially (so LPIPS weighs 3HW times more than its mean would). Returns (nll, l1,
+    lpips) with l1 and lpips as batch means for logging (lpips 0 when no LPIPS is given).
+    """
+    B = x.shape[0]
+    l1 = (x - x_hat).abs()  # [B,3,H,W]
+    p = lpips(x, x_hat) if lpips is not None else torch.zeros(B, device=x.device)  # [B]
+    nll = (l1 + perceptual_weight * p.view(B, 1, 1, 1)).sum() / B
+    return nll, l1.mean().detach(), p.mean().detach()
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss 0.5 (E relu(1 - D(x)) + E relu(1 + D(x_hat)))."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator term -E D(x_hat)."""
+    return -logits_fake.mean()
+
+
+def adaptive_weight(nll, g_loss, last_layer: torch.Tensor, disc_weight: float = DISC_WEIGHT):
+    """LDM's GAN balance ||grad_W nll|| / (||grad_W g|| + 1e-4), clamped [0, 1e4], detached, x 0.5.
+
+    W is the decoder's last conv weight. Gradients are this process's (as officially under DDP).
+    """
+    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = g_nll.norm() / (g_gan.norm() + 1e-4)
+    return w.clamp(0, ADAPTIVE_WEIGHT_MAX).detach() * disc_weight
+
+
+def gan_active(step: int, disc_start: int) -> bool:
+    """Both the generator term and D training are on from iteration `disc_start` (0-based).
+
+    Here one iteration = one AE step + one D step. The official trainer compares Lightning's
+    global_step, which ticks once per optimiser step (twice per iteration), so its
+    disc_start 5001 switches the GAN on near iteration 2500; the paper preset uses 2500.
+    """
+    return step >= disc_start
 
 
 # ----------------------------------------------------------------------------------
 # SiT with QK-Norm: the diffusion transformer on SVG features (Sec. 3.3, Table 5)
 # ----------------------------------------------------------------------------------
-# <<stage2: sit>>
+def sincos_pos_embed_2d(dim, h, w):
+    """Fixed 2D sin-cos position embedding [h*w, dim] in the MAE / DiT layout.
+
+    Tokens are row-major (n = row * w + col). The first dim/2 channels encode the column
+    index and the last dim/2 the row index, each as [sin, cos] at frequencies
+    1 / 10000^(k / (dim/4)). This is exactly the table the official checkpoint stores.
+    """
+    assert dim % 4 == 0, f"hidden size {dim} must be a multiple of 4 for the 2D sin-cos embedding"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [dim/4]
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )  # [h, w] each
+
+    def embed_1d(pos):
+        angles = pos.reshape(-1, 1) * omega  # [h*w, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [h*w, dim/2]
+
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # [h*w, dim]
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation x * (1 + scale) + shift, broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep embedding (DiT): 256-d [cos, sin] sinusoid of t in [0, 1] (no x1000), then an MLP."""
+
+    def __init__(self, hidden_size, freq_dim=256, max_period=10_000):
+        super().__init__()
+        self.freq_dim, self.max_period = freq_dim, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t.device) / half)  # [half]
+        angles = t.float()[:, None] * freqs[None]  # [B, half]
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))  # [B, D]
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a null row (id num_classes) for classifier-free guidance dropout."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)  # row num_classes = null
+
+    def forward(self, y, drop=None):
+        """y [B] long; drop [B] bool replaces labels by the null class (sampled if None in training)."""
+        if drop is None and self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+        if drop is not None:
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)  # [B, D]
+
+
+class SiTAttention(nn.Module):
+    """Multi-head self-attention with QK-Norm (LayerNorm over head_dim on q and k, as official SVG)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        assert dim % num_heads == 0, f"hidden size {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(dim // num_heads)
+        self.k_norm = nn.LayerNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape  # batch, tokens, hidden
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # [B, N, 3, H, d]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)  # [B, H, N, d]
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
+
+
+class SiTMlp(nn.Module):
+    """Transformer MLP (timm Mlp): Linear -> tanh-GELU -> Linear."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SiTBlock(nn.Module):
+    """DiT block with adaLN-Zero conditioning: shift, scale, gate for attention and for the MLP."""
+
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SiTAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = SiTMlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [B, D]
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    """DiT output head: LayerNorm (no affine) + adaLN shift/scale + Linear to the feature channels."""
+
+    def __init__(self, dim, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x [B, D]
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, N, C]
+
+
+@dataclass
+class SiTConfig:
+    """SiT / DiT hyper-parameters (Table 5); presets in SIT_PRESETS."""
+
+    in_channels: int = 392  # SVG feature channels C (384 DINO + 8 residual)
+    input_size: int = 16  # feature grid h = w = image_size / PATCH_SIZE
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = NUM_CLASSES
+    class_dropout_prob: float = 0.1  # labels -> null class during training (CFG)
+    # Official checkpoints run time the other way (t=0 noise, predict x_0 - eps); when set,
+    # forward() feeds 1 - t and negates the output, so callers always use Eq. (3)-(4).
+    reversed_time: bool = False
+    grad_checkpointing: bool = False  # recompute blocks in backward (less memory, ~30% slower)
+
+
+class SiT(nn.Module):
+    """SVG diffusion transformer (Sec. 3.3): SiT / DiT with QK-Norm on SVG feature tokens, patch size 1."""
+
+    def __init__(self, cfg: SiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.x_embedder = nn.Linear(cfg.in_channels, D)  # replaces the patch embedding (official "ln1")
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D, cfg.class_dropout_prob)
+        pos = sincos_pos_embed_2d(D, cfg.input_size, cfg.input_size)  # [N, D]
+        self.register_buffer("pos_embed", pos[None], persistent=False)  # [1, N, D], fixed
+        self.blocks = nn.ModuleList(SiTBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, cfg.in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT init: xavier Linears, N(0, 0.02) label table and t-MLP, adaLN-Zero and zero output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y, drop_labels=None):
+        """Velocity v(x_t, t, y) of Eq. (4). x [B,C,h,w], t [B] in [0,1], y [B] long -> [B,C,h,w]."""
+        B, C, h, w = x.shape  # batch, feature channels, grid
+        cfg = self.cfg
+        if (C, h, w) != (cfg.in_channels, cfg.input_size, cfg.input_size):
+            raise ValueError(
+                f"SiT expects features [B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}], got "
+                f"{list(x.shape)}: the autoencoder / image size does not match this model's SiTConfig"
+            )
+        if cfg.reversed_time:
+            t = 1 - t
+        x = self.x_embedder(x.flatten(2).transpose(1, 2)) + self.pos_embed  # [B, N, D]
+        c = self.t_embedder(t) + self.y_embedder(y, drop_labels)  # [B, D]
+        checkpointing = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        v = self.final_layer(x, c).transpose(1, 2).reshape(B, C, h, w)  # [B, N, C] -> [B, C, h, w]
+        return -v if cfg.reversed_time else v
 
 
 # ----------------------------------------------------------------------------------
 # Flow matching (Eq. 3-5) and feature normalisation
 # ----------------------------------------------------------------------------------
-# <<stage2: flow matching and feature stats>>
+def time_shift(t, a):
+    """SD3-style time shift t' = a t / (1 + (a - 1) t); a > 1 moves mass toward noise (t = 1).
+
+    Official equivalence: the official code shifts its reversed time tau = 1 - t by
+    s = 0.4 (train) / 0.15 (sample) with the same formula, and
+    1 - time_shift(1 - u, s) = u / (s + (1 - s) u) = time_shift(u, 1 / s),
+    so its s = 0.4 is our a = 2.5 = TRAIN_TIME_SHIFT (and 0.15 is SAMPLE_TIME_SHIFT).
+    """
+    return a * t / (1 + (a - 1) * t)
+
+
+def sample_training_time(batch, shift=TRAIN_TIME_SHIFT, device=None, generator=None):
+    """Training times t = time_shift(u, shift), u ~ U(0, 1). Returns [batch] float32."""
+    u = torch.rand(batch, device=device, generator=generator)  # [B]
+    return time_shift(u, shift)
+
+
+def flow_matching_loss(model, x0, y, shift=TRAIN_TIME_SHIFT, t=None, eps=None, drop_labels=None):
+    """Flow matching loss, Eq. (3)-(5) with lambda(t) = 1: mean squared error of the velocity.
+
+    x0 [B,C,h,w] normalised features, y [B] labels. t [B], eps [B,C,h,w] and drop_labels [B]
+    (bool, labels -> null class) are drawn here from the global RNG unless given; the
+    training script passes them to make the randomness a function of the global sample.
+    """
+    if t is None:
+        t = sample_training_time(x0.shape[0], shift, x0.device)
+    if eps is None:
+        eps = torch.randn_like(x0)
+    t_ = t.view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+    x_t = (1 - t_) * x0 + t_ * eps  # Eq. (3)
+    v = eps - x0  # Eq. (4)
+    v_pred = model(x_t, t, y) if drop_labels is None else model(x_t, t, y, drop_labels)
+    return F.mse_loss(v_pred.float(), v.float())  # Eq. (5)
+
+
+def check_feature_stats(stats, channels):
+    """Raise a clear error unless stats = {"mean": [C], "std": [C]} with C = channels, finite, std > 0."""
+    if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
+        raise ValueError(f'feature stats must be a dict {{"mean": [C], "std": [C]}}, got {type(stats).__name__}')
+    shapes = tuple(tuple(stats[k].shape) for k in ("mean", "std"))
+    if shapes != ((channels,), (channels,)):
+        got = stats["mean"].numel()
+        hint = "recompute them with the autoencoder that produces these features"
+        if {got, channels} == {384, 392}:
+            hint = (
+                "384 channels are DINO-only features (autoencoder without residual encoder), 392 are SVG "
+                "features (384 DINO + 8 residual): the statistics and the autoencoder come from different "
+                "feature spaces; " + hint
+            )
+        raise ValueError(f"feature stats have shapes {shapes} but the features have {channels} channels: {hint}")
+    if not (torch.isfinite(stats["mean"]).all() and torch.isfinite(stats["std"]).all() and (stats["std"] > 0).all()):
+        raise ValueError("feature stats contain non-finite values or a non-positive std; recompute them")
+
+
+def load_feature_stats(source, channels=None):
+    """Per-channel stats from a path or dict: native {"mean": [C], "std": [C]} or the official
+    dinov3_sp_stats.pt {"dinov3_sp_mean": [1,1,C], "dinov3_sp_std": [1,1,C]}. Float32 CPU."""
+    stats = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, os.PathLike)) else source
+    if isinstance(stats, dict) and {"dinov3_sp_mean", "dinov3_sp_std"} <= set(stats):
+        stats = {"mean": stats["dinov3_sp_mean"].reshape(-1), "std": stats["dinov3_sp_std"].reshape(-1)}
+    if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
+        raise ValueError(
+            f"{source if isinstance(source, (str, os.PathLike)) else 'object'} is not a feature-stats file: expected "
+            '{"mean", "std"} (train_dit.py) or {"dinov3_sp_mean", "dinov3_sp_std"} (official dinov3_sp_stats.pt)'
+        )
+    stats = {k: torch.as_tensor(stats[k]).float().reshape(-1) for k in ("mean", "std")}
+    if channels is not None:
+        check_feature_stats(stats, channels)
+    return stats
+
+
+def normalize_features(x, stats):
+    """z = (x - mean) / std per channel: the space the SiT is trained and sampled in. x [B,C,h,w]."""
+    if stats["mean"].numel() != x.shape[1]:
+        check_feature_stats(stats, x.shape[1])  # raises the explanatory error
+    return (x - stats["mean"].to(x).view(1, -1, 1, 1)) / stats["std"].to(x).view(1, -1, 1, 1)
+
+
+def denormalize_features(z, stats):
+    """x = z * std + mean per channel: back to autoencoder features before decoding. z [B,C,h,w]."""
+    if stats["mean"].numel() != z.shape[1]:
+        check_feature_stats(stats, z.shape[1])
+    return z * stats["std"].to(z).view(1, -1, 1, 1) + stats["mean"].to(z).view(1, -1, 1, 1)
+
+
+class FeatureStatsAccumulator:
+    """Exact streaming per-channel mean / std of features over a dataset, merged across DDP ranks.
+
+    Keeps float64 count, sum and sum of squares per channel (exact for any split of the data
+    up to float64 rounding), so ranks merge with one all_reduce. std is the population std.
+    """
+
+    def __init__(self, channels, device="cpu"):
+        self.channels = channels
+        self.moments = torch.zeros(3, channels, dtype=torch.float64, device=device)  # count, sum, sum of squares
+
+    def update(self, x):
+        """Add a batch of features x [B, C, h, w]."""
+        if x.shape[1] != self.channels:
+            raise ValueError(f"features have {x.shape[1]} channels, the statistics were set up for {self.channels}")
+        x = x.detach().to(self.moments.device, torch.float64).transpose(0, 1).reshape(self.channels, -1)  # [C, B*h*w]
+        self.moments[0] += x.shape[1]
+        self.moments[1] += x.sum(dim=1)
+        self.moments[2] += x.square().sum(dim=1)
+
+    def result(self):
+        """{"mean": [C], "std": [C]} float32 CPU over everything every rank has seen."""
+        moments = self.moments.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)
+        count, total, total_sq = moments  # [C] each
+        if (count == 0).any():
+            raise ValueError("feature statistics over an empty dataset")
+        mean = total / count
+        var = (total_sq / count - mean.square()).clamp_min(0)
+        return {"mean": mean.float().cpu(), "std": var.sqrt().float().cpu()}
 
 
 # ----------------------------------------------------------------------------------
@@ -126,11 +1289,6 @@ SAMPLE_TIME_SHIFT = 1 / 0.15  # official sampling shift 0.15 in reversed time
 SAMPLER_METHODS = ("euler", "heun")
 CFG_MODES = ("constant", "interval")  # interval: guide only while t_lo <= t <= t_hi
 EDIT_TIME_SHIFT = 1 / 0.4  # App. C "timestep shift 0.4" (official, reversed time)
-
-
-def time_shift(t, a):
-    """SD3-style time shift in this file's convention: t' = a t / (1 + (a - 1) t)."""
-    return a * t / (1 + (a - 1) * t)
 
 
 def ode_time_grid(steps, shift=SAMPLE_TIME_SHIFT, t_start=1.0):
@@ -304,16 +1462,524 @@ def edit_features(model, x0, y, edit_mask, noise, t_edit, steps=100, shift=EDIT_
 # ----------------------------------------------------------------------------------
 # Presets (Table 5) and checkpoint loading
 # ----------------------------------------------------------------------------------
-# <<stage2: presets and loading>>
+SIT_PRESETS = {  # Table 5 (S from the official research configs); in_channels / input_size set per autoencoder
+    "SiT-S": SiTConfig(hidden_size=384, depth=12, num_heads=6),
+    "SiT-B": SiTConfig(hidden_size=768, depth=12, num_heads=12),
+    "SiT-L": SiTConfig(hidden_size=1024, depth=24, num_heads=16),
+    "SiT-XL": SiTConfig(hidden_size=1152, depth=28, num_heads=16),
+    "SiT-tiny": SiTConfig(hidden_size=128, depth=4, num_heads=4),  # CPU tests and the tiny pipeline
+}
+
+
+def official_sit_config(state_dict):
+    """SiTConfig of an official SVG DiT state dict (read from its tensor shapes; reversed time)."""
+    for key in ("ln1.weight", "pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.q_norm.weight"):
+        if key not in state_dict:
+            raise KeyError(f"not an official SVG DiT state dict: key {key!r} is missing")
+    hidden, in_channels = state_dict["ln1.weight"].shape
+    tokens = state_dict["pos_embed"].shape[1]
+    return SiTConfig(
+        in_channels=in_channels,
+        input_size=math.isqrt(tokens),
+        hidden_size=hidden,
+        depth=len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")}),
+        num_heads=hidden // state_dict["blocks.0.attn.q_norm.weight"].shape[0],
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+        num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        reversed_time=True,
+    )
+
+
+def import_official_sit(state_dict, cfg=None):
+    """SiT from the official SVG DiT weights (the {"ema": ...} dict's inner state dict), eval mode.
+
+    Renames ln1 -> x_embedder, keeps the first C of the 2C learn_sigma outputs of
+    final_layer.linear (the official loss and sampler use only those), checks pos_embed
+    against ours, and sets reversed_time (official t=0 is noise and it predicts x_0 - eps).
+    """
+    inferred = official_sit_config(state_dict)
+    cfg = inferred if cfg is None else SiTConfig(**{**asdict(cfg), "reversed_time": True})
+    runtime = {"class_dropout_prob", "grad_checkpointing"}  # settings the weights do not determine
+    if {k: v for k, v in asdict(cfg).items() if k not in runtime} != {
+        k: v for k, v in asdict(inferred).items() if k not in runtime
+    }:
+        raise ValueError(f"official weights have config {inferred}, which does not match the given {cfg}")
+    model = SiT(cfg)
+    C = cfg.in_channels
+    sd = {}
+    for key, value in state_dict.items():
+        if key == "pos_embed":
+            if not torch.allclose(value.float().reshape(model.pos_embed.shape), model.pos_embed, atol=1e-5):
+                raise ValueError("official pos_embed differs from the 2D sin-cos table: unexpected checkpoint layout")
+            continue
+        if key.startswith("final_layer.linear."):
+            if value.shape[0] not in (C, 2 * C):
+                raise ValueError(f"{key} has {value.shape[0]} outputs, expected {C} or {2 * C} (learn_sigma)")
+            value = value[:C]  # learn_sigma: outputs C..2C-1 were never used
+        sd[key.replace("ln1.", "x_embedder.", 1) if key.startswith("ln1.") else key] = value
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def load_generator(path, ae=None, stats=None):
+    """(EMA SiT in eval, feature stats, SVGAutoencoder) for sampling, all on CPU and frozen.
+
+    path: a train_dit.py checkpoint (carries everything; ae / stats must be None), or the
+    official SVG-XL file {"ema": DiT state dict}, which needs ae = the stage-1 checkpoint it
+    was trained with (official Lightning .ckpt or native) and stats = dinov3_sp_stats.pt.
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own / the authors' files
+    if isinstance(ckpt, dict) and "sit_config" in ckpt:
+        if ae is not None or stats is not None:
+            raise ValueError(f"{path} is a train_dit.py checkpoint with its own autoencoder and stats; drop ae/stats")
+        model = SiT(SiTConfig(**ckpt["sit_config"]))
+        model.load_state_dict(ckpt["ema"], strict=True)
+        autoencoder = load_autoencoder({"ae_config": ckpt["ae_config"], "ae": ckpt["ae"]})
+        stats = load_feature_stats(ckpt["feature_stats"], model.cfg.in_channels)
+    elif isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
+        if ae is None or stats is None:
+            raise ValueError(
+                f"{path} is an official SVG DiT checkpoint: it holds only the diffusion weights. Also pass "
+                "ae=<stage-1 checkpoint it was trained with (official SVG autoencoder .ckpt from HF howlin/SVG)> "
+                "and stats=<dinov3_sp_stats.pt from the root of github.com/shiml20/SVG>"
+            )
+        model = import_official_sit(ckpt["ema"])
+        autoencoder = load_autoencoder(ae)
+        stats = load_feature_stats(stats, model.cfg.in_channels)
+    else:
+        raise ValueError(
+            f"{path} is not a stage-2 checkpoint: expected a train_dit.py checkpoint (key 'sit_config') "
+            "or the official SVG-XL file {'ema': DiT state dict}"
+        )
+    if autoencoder.feature_dim != model.cfg.in_channels:
+        raise ValueError(
+            f"the autoencoder makes {autoencoder.feature_dim}-channel features but the SiT expects "
+            f"{model.cfg.in_channels}: pass the stage-1 checkpoint the generator was trained with"
+        )
+    model.eval().requires_grad_(False)
+    return model, stats, autoencoder
 
 
 # ----------------------------------------------------------------------------------
 # Data: image folders, ADM centre crop, a built-in synthetic dataset
 # ----------------------------------------------------------------------------------
-# <<stage1: data>>
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
+
+
+def _resize_short_side(pil_image, image_size: int):
+    """ADM resize: BOX-halve while the short side is >= 2 * size, then BICUBIC to short side = size."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    return pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+
+
+def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
+    """ADM centre crop (Dhariwal & Nichol 2021): resize the short side, crop the centre. HWC uint8."""
+    arr = np.array(_resize_short_side(pil_image, image_size))
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def random_crop_arr(pil_image, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The official AE training crop (SmallestMaxSize + RandomCrop): short side = size, random window."""
+    arr = np.array(_resize_short_side(pil_image, image_size))
+    top = int(rng.integers(arr.shape[0] - image_size + 1))
+    left = int(rng.integers(arr.shape[1] - image_size + 1))
+    return arr[top:top + image_size, left:left + image_size]
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> [3, H, W] float in [-1, 1] (the image convention of this file)."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1  # [3,H,W]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images on disk for both stages: class sub-folders (ImageNet train) or one flat folder.
+
+    Layout: root/<class>/**/<image> with classes sorted by name -> labels 0..K-1 (like
+    torchvision), or root/<image> (label 0). Files are found by extension, case-insensitive.
+    crop: "center" = ADM centre crop (stage 2, evaluation), "random" = the official AE
+    training crop. flip: random horizontal flip. Random crops and flips are drawn from
+    (seed, epoch, index), so they do not depend on workers or world size and resume exactly;
+    call set_epoch(e) each epoch. on_error: "raise" stops at an unreadable file naming it;
+    "skip" warns once per file (with its path), counts it in `num_skipped` (per DataLoader
+    worker process) and returns the next readable image instead, so an epoch never crashes.
+    """
+
+    def __init__(self, root, image_size: int, crop: str = "center", flip: bool = False,
+                 on_error: str = "skip", seed: int = 0):
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        if on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist: pass a folder of class "
+                                    f"sub-folders (e.g. imagenet/train) or of images, or 'synthetic'")
+        self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
+        self.on_error, self.seed, self.epoch = on_error, seed, 0
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        top_files = self._find(root, recursive=False)
+        if subdirs and top_files:
+            raise ValueError(f"{root!r} holds both images and sub-folders: use class sub-folders "
+                             f"only (labels by folder) or a flat folder of images (label 0)")
+        self.classes = subdirs or [os.path.basename(os.path.normpath(root))]
+        if subdirs:
+            self.samples = [(p, label) for label, c in enumerate(subdirs)
+                            for p in self._find(os.path.join(root, c), recursive=True)]
+        else:
+            self.samples = [(p, 0) for p in top_files]
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found in {root!r}")
+        self.num_skipped, self._warned = 0, set()
+
+    @staticmethod
+    def _find(folder, recursive: bool) -> list:
+        if not recursive:
+            names = (e.path for e in os.scandir(folder) if e.is_file())
+        else:
+            names = (os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+        return sorted(p for p in names if p.lower().endswith(IMAGE_EXTENSIONS))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple:
+        """(image [3, H, W] in [-1, 1], label) for one index; raises on an unreadable file."""
+        path, label = self.samples[index]
+        with Image.open(path) as im:
+            pil = im.convert("RGB")  # forces the full decode, so truncated files fail here
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        arr = (random_crop_arr(pil, self.image_size, rng) if self.crop == "random"
+               else center_crop_arr(pil, self.image_size))
+        if self.flip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(arr), label
+
+    def __getitem__(self, index: int) -> tuple:
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return self.load(i)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad image files
+                path = self.samples[i][0]
+                if self.on_error == "raise":
+                    raise RuntimeError(f"cannot read image {path!r}: {e}") from e
+                self.num_skipped += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path!r} ({e}); using the next one")
+        raise RuntimeError(f"no readable image in {self.root!r}")
+
+
+SYNTHETIC_SHAPES = ("disc", "square", "triangle", "stripes", "ring", "cross", "diamond", "checker")
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """A built-in class-labelled image set (no download): one shape type per class.
+
+    Image i has label i % num_classes and shape SYNTHETIC_SHAPES[label], with its colours,
+    position, size and background gradient drawn from (seed, i): the same every time.
+    """
+
+    def __init__(self, num_images: int, image_size: int, num_classes: int = 4, seed: int = 0):
+        if not 1 <= num_classes <= len(SYNTHETIC_SHAPES):
+            raise ValueError(f"SyntheticImages has {len(SYNTHETIC_SHAPES)} shape classes "
+                             f"{SYNTHETIC_SHAPES}; num_classes={num_classes} is out of range")
+        self.num_images, self.image_size = num_images, image_size
+        self.num_classes, self.seed = num_classes, seed
+        self.classes = list(SYNTHETIC_SHAPES[:num_classes])
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> tuple:
+        if not 0 <= index < self.num_images:
+            raise IndexError(index)
+        label = index % self.num_classes
+        rng = np.random.default_rng((self.seed, index))
+        S = self.image_size
+        y, x = np.mgrid[0:S, 0:S].astype(np.float32) / S  # pixel centres in [0, 1)
+        c0, c1, fg = rng.uniform(-1, 1, size=(3, 3)).astype(np.float32)  # two bg colours, shape colour
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5) + 0.71) / 1.42  # in [0, 1]
+        img = c0[:, None, None] + (c1 - c0)[:, None, None] * ramp  # [3,S,S] background gradient
+        r = rng.uniform(0.15, 0.35)
+        cx, cy = rng.uniform(r, 1 - r, size=2)
+        dx, dy = x - cx, y - cy
+        shape = SYNTHETIC_SHAPES[label]
+        if shape == "disc":
+            mask = dx**2 + dy**2 < r**2
+        elif shape == "square":
+            mask = np.maximum(abs(dx), abs(dy)) < r
+        elif shape == "triangle":
+            mask = (dy < r) & (abs(dx) < (dy + r) / 2)
+        elif shape == "stripes":
+            period = rng.uniform(0.08, 0.2)
+            mask = np.sin(2 * np.pi * (np.cos(angle) * x + np.sin(angle) * y) / period) > 0
+        elif shape == "ring":
+            mask = (dx**2 + dy**2 < r**2) & (dx**2 + dy**2 > (0.6 * r) ** 2)
+        elif shape == "cross":
+            mask = (np.minimum(abs(dx), abs(dy)) < r / 3) & (np.maximum(abs(dx), abs(dy)) < r)
+        elif shape == "diamond":
+            mask = abs(dx) + abs(dy) < r
+        else:  # checker
+            cell = r / 2
+            mask = (np.maximum(abs(dx), abs(dy)) < r) & ((np.floor(dx / cell) + np.floor(dy / cell)) % 2 == 0)
+        img = np.where(mask[None], fg[:, None, None], img)
+        return torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)), label  # [3,S,S] in [-1,1]
+
+
+def build_dataset(spec: str, image_size: int, *, crop: str = "center", flip: bool = False,
+                  on_error: str = "skip", seed: int = 0, num_images: int = 1024,
+                  num_classes: int = 4):
+    """"synthetic" -> SyntheticImages(num_images, image_size, num_classes, seed); else a folder.
+
+    crop/flip/on_error apply to folders; num_images/num_classes to the synthetic set.
+    """
+    if spec == "synthetic":
+        return SyntheticImages(num_images, image_size, num_classes, seed)
+    return ImageFolder(spec, image_size, crop=crop, flip=flip, on_error=on_error, seed=seed)
 
 
 # ----------------------------------------------------------------------------------
 # Script plumbing: distributed setup, precision, EMA, resumable sampler, checkpoints
 # ----------------------------------------------------------------------------------
-# <<stage1: plumbing>>
+PRECISIONS = ("fp32", "tf32", "bf16")  # the one precision switch of every script
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (a single process when not under torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0  # only rank 0 prints and writes
+
+    @property
+    def initialized(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def barrier(self):
+        if self.initialized:
+            torch.distributed.barrier()
+
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+        if not self.initialized:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def all_reduce_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of a tensor over ranks (the tensor itself without a process group)."""
+        if not self.initialized:
+            return x
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+        return x / self.world_size
+
+    def close(self):
+        if self.initialized:
+            torch.distributed.destroy_process_group()
+
+
+def init_distributed() -> Dist:
+    """torchrun (env RANK/WORLD_SIZE/LOCAL_RANK) -> a process group, NCCL on CUDA, gloo on CPU.
+
+    Plain `python script.py` -> one process, no process group, cuda:0 if present.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        torch.distributed.init_process_group("gloo")
+    return Dist(rank, world_size, local_rank, device)
+
+
+def set_seed(seed: int):
+    """Seed python, numpy and torch (CPU and every CUDA device). Scripts pass seed * world + rank."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_precision(precision: str):
+    """fp32: exact fp32 matmuls; tf32 and bf16: TF32 for the fp32 matmuls/convs that remain."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+    torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+def autocast(precision: str, device):
+    """The one autocast context: bf16 autocast for "bf16" (CUDA or CPU), a no-op otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The raw module under DistributedDataParallel (.module) and torch.compile (._orig_mod)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float):
+    """DiT-style EMA: ema = decay * ema + (1 - decay) * model, parameters and float buffers.
+
+    decay = 0 copies the model (the sync done once at start). Integer buffers (BatchNorm's
+    num_batches_tracked) are copied. `model` may be DDP / compiled; `ema` is a raw copy.
+    """
+    src = dict(unwrap(model).named_parameters())
+    src.update(unwrap(model).named_buffers())
+    dst = dict(ema.named_parameters())
+    dst.update(ema.named_buffers())
+    if src.keys() != dst.keys():
+        raise ValueError(f"EMA and model differ in tensors: {sorted(src.keys() ^ dst.keys())[:5]}")
+    for name, e in dst.items():
+        if e.is_floating_point():
+            e.mul_(decay).add_(src[name].detach(), alpha=1 - decay)
+        else:
+            e.copy_(src[name])
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`.
+
+    A crash at any point leaves either the old file or the new one, never a partial file.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable (POSIX; not on Windows)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch CPU, CUDA), loadable with weights_only."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict):
+    """Restore what rng_state() returned."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Distributed sampler whose data order is a function of (seed, epoch) and resumes exactly.
+
+    Epoch e visits a permutation of the dataset drawn from seed + e. Rank r takes positions
+    r, r + W, r + 2W, ... of it, so with per-rank batch b = G / W the k-th global batch is
+    always permutation positions [kG, (k+1)G): the same images for any world size W.
+    drop_last=True trims the permutation to a multiple of W; False pads it by wrapping.
+
+    The DataLoader reads indices ahead of training, so progress is reported by the loop:
+    call `advance(n)` after each consumed per-rank batch of n items, and `set_epoch(e + 1)`
+    when an epoch's loader is exhausted. `state_dict()` then holds the exact next batch.
+    """
+
+    def __init__(self, num_items: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        if num_items < world_size:
+            raise ValueError(f"{num_items} items cannot be split over {world_size} ranks")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.num_items, self.world_size, self.rank = num_items, world_size, rank
+        self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
+        self.num_samples = (num_items // world_size if drop_last  # per rank, per epoch
+                            else math.ceil(num_items / world_size))
+        self.epoch, self.position = 0, 0
+
+    def indices(self) -> list:
+        """This rank's indices for the current epoch, from its start."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        total = self.num_samples * self.world_size
+        order = (order * math.ceil(total / self.num_items))[:total]  # trim or wrap-pad
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.position:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.position
+
+    def set_epoch(self, epoch: int):
+        self.epoch, self.position = epoch, 0
+
+    def advance(self, n: int):
+        self.position += n
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "world_size": self.world_size,
+                "seed": self.seed, "num_items": self.num_items}
+
+    def load_state_dict(self, state: dict):
+        """Resume at the next batch; a different world size continues at the same global batch."""
+        if (state["seed"], state["num_items"]) != (self.seed, self.num_items):
+            raise ValueError(
+                f"sampler state is for seed {state['seed']} / {state['num_items']} items, this run "
+                f"has seed {self.seed} / {self.num_items} items: resume with the same data and seed")
+        consumed = state["position"] * state["world_size"]  # global items consumed this epoch
+        if consumed % self.world_size:
+            raise ValueError(f"cannot resume {consumed} consumed items on {self.world_size} ranks: "
+                             f"use a world size that divides it (it was {state['world_size']})")
+        self.epoch, self.position = state["epoch"], consumed // self.world_size
