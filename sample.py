@@ -303,7 +303,7 @@ def run_edit(args, gen, dist):
 # ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
-def add_common(p, steps, cfg_scale, shift, out):
+def add_common(p, steps, cfg_scale, shift, out, batch_size=32):
     p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (train_dit.py, or the official SVG-XL .pt)")
     p.add_argument("--ae", default=None, help="official SVG-XL only: its autoencoder .ckpt (HF howlin/SVG)")
     p.add_argument("--stats", default=None, help="official SVG-XL only: dinov3_sp_stats.pt (shiml20/SVG)")
@@ -319,7 +319,7 @@ def add_common(p, steps, cfg_scale, shift, out):
                    help="CFG-Zero* zero-init: velocity 0 for the first k steps (paper: 1 with cfg 1.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward, per rank")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward, per rank")
     if out is not None:
         p.add_argument("--out", default=out, help="output PNG")
 
@@ -332,7 +332,7 @@ def parse_args(argv=None):
     p.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279])
     p.add_argument("--per-class", type=positive_int, default=4)
     p = sub.add_parser("export", help="N samples -> ADM .npz for FID (torchrun for many GPUs)")
-    add_common(p, steps=25, cfg_scale=1.0, shift=svg.SAMPLE_TIME_SHIFT, out=None)
+    add_common(p, steps=25, cfg_scale=1.0, shift=svg.SAMPLE_TIME_SHIFT, out=None, batch_size=125)
     p.add_argument("--out-dir", required=True, help="holds settings.json, shards/ and samples.npz")
     p.add_argument("--num-samples", type=positive_int, default=50_000)
     p.add_argument("--labels", choices=("balanced", "random"), default="balanced",
