@@ -186,6 +186,7 @@ def merge_shards(out_dir, num_shards, settings):
     images, labels = [], []
     for k in range(num_shards):
         shard = torch.load(shard_path(out_dir, k), map_location="cpu", weights_only=True)
+        assert shard["start"] == k * settings["shard_size"], f"{shard_path(out_dir, k)} is out of place"
         images.append(shard["images"].numpy())
         labels.append(shard["labels"].numpy())
     arr, labels = np.concatenate(images), np.concatenate(labels)  # [N, H, W, 3], [N]
