@@ -188,7 +188,7 @@ DINOV3_ARCHS = {  # dinov3/hub/backbones.py; all: patch 16, 4 registers, RoPE ba
     "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp", ffn_hidden=3072),
     "dinov3_tiny": dict(embed_dim=128, depth=2, num_heads=2, ffn="swiglu", ffn_hidden=256),  # tests
 }
-DINOV3_FILES = {  # Meta's release names (request access at https://ai.meta.com/dinov3/)
+DINOV3_FILES = {  # Meta's release names (access form linked from github.com/facebookresearch/dinov3)
     "dinov3_vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
     "dinov3_vits16plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
     "dinov3_vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
@@ -381,8 +381,9 @@ def load_dinov3(path, arch="dinov3_vits16plus"):
         hf = "facebook/" + arch.replace("_", "-") + "-pretrain-lvd1689m"
         raise FileNotFoundError(
             f"DINOv3 weights not found at {path!r}. Fetch {DINOV3_FILES.get(arch, 'the ' + arch + ' .pth')} "
-            f"from Meta's DINOv3 download form (https://ai.meta.com/dinov3/) or model.safetensors from the "
-            f"Hugging Face repo {hf}, then pass its path (e.g. --dino-weights /path/to/file).")
+            f"via Meta's download form (linked from https://github.com/facebookresearch/dinov3) or "
+            f"model.safetensors from the gated Hugging Face repo {hf}, then pass its path "
+            f"as load_dinov3(path, arch={arch!r}) or load_autoencoder(ckpt, dino_weights=path).")
     model = DinoV3(arch)
     load_strict(model, dinov3_state_dict(_read_weights(path), arch), f"{path} as {arch}")
     return model.eval().requires_grad_(False)
@@ -579,9 +580,9 @@ class AEConfig:
 
     dino_arch: str = "dinov3_vits16plus"
     image_size: int = 256  # training size: sizes the residual pos-embedding and decoder attention
-    dino_layer: int | None = None  # None: last block, normed; k: block k (0-based), normed (App. E, Table 6)
+    dino_layer: int | None = None  # None: last block; k: block k, 0-based (Table 6: 4, 8, 11); both normed
     use_residual: bool = True  # False: DINO-only features (Table 4, row 1)
-    align: str = "batch"  # Eq. (6) statistics over the batch ("batch"), per image ("image"), "none" (Table 4, row 2)
+    align: str = "batch"  # Eq. (6) stats over the "batch" (official) or per "image"; "none": Table 4, row 2
     mask_prob: float = 0.1  # stage-1 training: replace a sample's whole F_R by a learned token
     residual_depth: int = 6
     residual_width: int = 384
@@ -629,8 +630,8 @@ class SVGAutoencoder(nn.Module):
         self.feature_dim = self.dino.embed_dim + (RESIDUAL_DIM if cfg.use_residual else 0)  # 392 / 384
         self.decoder = Decoder(self.feature_dim, cfg.decoder_ch, cfg.decoder_ch_mult, cfg.decoder_num_res_blocks,
                                cfg.decoder_attn_resolutions, cfg.image_size, cfg.decoder_dropout)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode=True):
         super().train(mode)
@@ -650,7 +651,7 @@ class SVGAutoencoder(nn.Module):
     def encode(self, x):
         """Images in [-1, 1], [B, 3, H, W] -> SVG features [B, C, H/16, W/16], DINO channels first."""
         check_images(x, "encode input")
-        x = ((x + 1) / 2 - self.mean) / self.std  # ImageNet normalisation, the input of both encoders
+        x = ((x + 1) / 2 - self.imagenet_mean) / self.imagenet_std  # the input of both encoders
         f_d = self.dino_features(x)  # [B, 384, h, w]
         if self.residual is None:
             return f_d
@@ -665,9 +666,9 @@ class SVGAutoencoder(nn.Module):
     def decode(self, z):
         """SVG features [B, C, h, w] -> images [B, 3, 16h, 16w] (about [-1, 1], not clamped)."""
         if z.ndim != 4 or z.shape[1] != self.feature_dim:
-            kind = ("DINO + residual" if self.cfg.use_residual else "DINO-only")
-            hint = " (384 = DINO-only features, 392 = DINO + 8 residual channels)" \
-                if {int(z.shape[1]) if z.ndim == 4 else -1, self.feature_dim} == {384, 392} else ""
+            kind = "DINO + residual" if self.cfg.use_residual else "DINO-only"
+            hint = " (384 = DINO-only features, 392 = DINO + 8 residual channels: decode with the autoencoder " \
+                "that made them)" if z.ndim == 4 and {z.shape[1], self.feature_dim} == {384, 392} else ""
             raise ValueError(f"decode expects z of shape [B, {self.feature_dim}, h, w] ({kind} autoencoder), "
                              f"got {tuple(z.shape)}{hint}")
         return self.decoder(z)
@@ -691,7 +692,7 @@ def import_official_autoencoder(state_dict, cfg=AE_PRESETS["paper"]):
 
 
 def load_autoencoder(path_or_dict, dino_weights=None):
-    """Frozen eval SVGAutoencoder from a stage-1 checkpoint ("ae_config", "ae") or an official .ckpt.
+    """Frozen eval SVGAutoencoder from a stage-1/2 checkpoint ("ae_config", "ae") or an official .ckpt.
 
     dino_weights: a DINOv3 file (see load_dinov3) that replaces the checkpoint's DINO weights;
     required when the checkpoint was saved without them. Only load checkpoints you trust
@@ -1036,18 +1037,6 @@ class SiTAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 
-class SiTMlp(nn.Module):
-    """Transformer MLP (timm Mlp): Linear -> tanh-GELU -> Linear."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class SiTBlock(nn.Module):
     """DiT block with adaLN-Zero conditioning: shift, scale, gate for attention and for the MLP."""
 
@@ -1056,7 +1045,7 @@ class SiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SiTAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = SiTMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), approximate="tanh")  # timm Mlp, as official
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
@@ -1517,7 +1506,7 @@ def import_official_sit(state_dict, cfg=None):
                 raise ValueError(f"{key} has {value.shape[0]} outputs, expected {C} or {2 * C} (learn_sigma)")
             value = value[:C]  # learn_sigma: outputs C..2C-1 were never used
         sd[key.replace("ln1.", "x_embedder.", 1) if key.startswith("ln1.") else key] = value
-    model.load_state_dict(sd, strict=True)
+    load_strict(model, sd, "the official SVG DiT checkpoint")
     return model.eval()
 
 
@@ -1533,7 +1522,7 @@ def load_generator(path, ae=None, stats=None):
         if ae is not None or stats is not None:
             raise ValueError(f"{path} is a train_dit.py checkpoint with its own autoencoder and stats; drop ae/stats")
         model = SiT(SiTConfig(**ckpt["sit_config"]))
-        model.load_state_dict(ckpt["ema"], strict=True)
+        load_strict(model, ckpt["ema"], f"the EMA weights of {path}")
         autoencoder = load_autoencoder({"ae_config": ckpt["ae_config"], "ae": ckpt["ae"]})
         stats = load_feature_stats(ckpt["feature_stats"], model.cfg.in_channels)
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:

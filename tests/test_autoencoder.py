@@ -86,7 +86,7 @@ def test_align_per_image_is_independent_of_the_batch():
     for i in range(3):
         one = svg.align_residual(f_r[i:i + 1], f_d[i:i + 1])  # batch mode on one image = per-image stats
         torch.testing.assert_close(out[i:i + 1], one)
-        mu, sd = official_stats(out[i:i + 1].flatten(2))
+        _, sd = official_stats(out[i:i + 1].flatten(2))
         torch.testing.assert_close(sd, official_stats(f_d[i:i + 1].flatten(2))[1], atol=1e-5, rtol=0)
     assert not torch.allclose(out, svg.align_residual(f_r, f_d))
 
@@ -114,7 +114,7 @@ def test_encode_layout_dino_first_and_imagenet_normalised():
     with torch.no_grad():
         f_d = ae.dino.forward_features(((x + 1) / 2 - mean) / std)["x_norm_patchtokens"]  # [B, hw, C]
     torch.testing.assert_close(z[:, :128], f_d.transpose(1, 2).reshape(2, 128, 4, 4))
-    mu_r, sd_r = official_stats(z[:, 128:].flatten(2))  # residual channels aligned to DINO (batch stats)
+    _, sd_r = official_stats(z[:, 128:].flatten(2))  # residual channels aligned to DINO (batch stats)
     torch.testing.assert_close(sd_r, official_stats(z[:, :128].flatten(2))[1], atol=1e-5, rtol=0)
     assert ae.decode(z).shape == (2, 3, 64, 64)
 
@@ -130,7 +130,7 @@ def test_encode_per_image_alignment_gives_batch_independent_features():
 def test_dino_stays_frozen_and_eval_while_training():
     ae = svg.SVGAutoencoder(TINY).train()
     assert ae.training and ae.residual.training and not ae.dino.training
-    ae.decode(ae.encode(images())).square().mean().backward()
+    ae.decode(ae.encode(images(2, 32, 32))).square().mean().backward()
     assert all(p.grad is None for p in ae.dino.parameters())
     trainable = ae.trainable_parameters()
     assert sum(p.numel() for p in trainable) == (sum(p.numel() for p in ae.residual.parameters())
@@ -146,7 +146,8 @@ def test_mask_augmentation_only_in_training():
         z_train = ae.train().encode(x)
         z_eval = ae.eval().encode(x)
     torch.testing.assert_close(z_train[:, 128:], ae.mask_token.expand(2, 8, 4, 4))  # whole F_R replaced
-    torch.testing.assert_close(z_eval[:, 128:], ae.residual(((x + 1) / 2 - ae.mean) / ae.std))  # naive concat
+    x_in = ((x + 1) / 2 - ae.imagenet_mean) / ae.imagenet_std
+    torch.testing.assert_close(z_eval[:, 128:], ae.residual(x_in))  # align "none": naive concat
     assert not hasattr(svg.SVGAutoencoder(dataclasses.replace(TINY, mask_prob=0.0)), "mask_token")
 
 
@@ -155,7 +156,8 @@ def test_dino_only_and_intermediate_layer():
     assert ae.residual is None and ae.feature_dim == 128
     x = images(1)
     with torch.no_grad():
-        ref = ae.dino.get_intermediate_layers(((x + 1) / 2 - ae.mean) / ae.std, n=[0], reshape=True)[0]
+        x_in = ((x + 1) / 2 - ae.imagenet_mean) / ae.imagenet_std
+        ref = ae.dino.get_intermediate_layers(x_in, n=[0], reshape=True)[0]
         torch.testing.assert_close(ae.encode(x), ref)
     assert [n for n, _ in ae.named_parameters() if not n.startswith(("dino.", "decoder."))] == []
 
@@ -183,9 +185,10 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_decode_384_vs_392_message():
-    ae = svg.SVGAutoencoder(svg.AE_PRESETS["tiny"])  # ViT-S/16+: 392 channels
+    with torch.device("meta"):  # the check runs before any compute
+        ae = svg.SVGAutoencoder(svg.AE_PRESETS["tiny"])  # ViT-S/16+: 392 channels
     with pytest.raises(ValueError, match=r"384 = DINO-only features, 392 = DINO \+ 8 residual"):
-        ae.decode(torch.zeros(1, 384, 4, 4))
+        ae.decode(torch.zeros(1, 384, 4, 4, device="meta"))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -265,7 +268,8 @@ def test_dino_weights_replace_or_supply_dino(tmp_path):
 def test_load_autoencoder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*missing.pt' not found: pass a stage-1 checkpoint"):
         svg.load_autoencoder(str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match=r"unrecognised autoencoder checkpoint \(top-level keys \['model', 'ema'\]"):
+    with pytest.raises(ValueError, match=r"unrecognised autoencoder checkpoint \(top-level keys "
+                                         r"\['model', 'ema'\]"):
         svg.load_autoencoder({"model": {}, "ema": {}})
     sd = svg.SVGAutoencoder(TINY).state_dict()
     sd["decoder.conv_in.weight"] = sd["decoder.conv_in.weight"][:, :128]
