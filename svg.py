@@ -782,12 +782,12 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """LPIPS distance per image, [B], for x, y [B, 3, H, W] in [-1, 1]."""
-        n = x.shape[0]
-        f = self.taps(torch.cat([x, y]))  # one trunk pass for both
         d = 0
-        for f_l, lin in zip(f, self.lins):
-            f_l = f_l / (f_l.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
-            d = d + lin((f_l[:n] - f_l[n:]).pow(2)).mean((1, 2, 3))  # [B]
+        for f_x, f_y, lin in zip(self.taps(x), self.taps(y), self.lins):
+            f_x = f_x / (f_x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
+            f_y = f_y / (f_y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            w = lin.weight.float()  # [1, C_l, 1, 1]; the 1x1 head as a weighted sum, fp32 under autocast
+            d = d + (w * (f_x - f_y).pow(2)).sum(1).mean((1, 2))  # [B, C_l, h, w] -> [B]
         return d
 
 
@@ -843,19 +843,22 @@ def load_lpips(vgg_path=None, heads_path=None) -> LPIPS:
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per image, [B], for images in [-1, 1] (peak-to-peak 2)."""
-    mse = (x.float() - y.float()).pow(2).mean((1, 2, 3))
-    return 10 * torch.log10(4 / mse.clamp_min(1e-12))
+    mse = (x.double() - y.double()).pow(2).mean((1, 2, 3))  # [B]
+    return 10 * torch.log10(4 / mse.clamp_min(1e-20))
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """SSIM per image, [B] (Wang et al. 2004): Gaussian 11x11 window, sigma 1.5, K = (0.01, 0.03).
 
-    Images in [-1, 1] (data range 2, the same constants as 255 on uint8); each channel
-    separately with 'valid' filtering (no padding), averaged over pixels and channels.
+    Images in [-1, 1] (data range 2: the same value as data range 255 on [0, 255]); each
+    channel separately with 'valid' filtering (no padding), population (co)variances, averaged
+    over positions and channels, in float64. For uint8 images u pass u / 127.5 - 1.
     """
-    x, y = x.float(), y.float()
-    C = x.shape[1]
-    g = torch.exp(-(torch.arange(window, dtype=torch.float32, device=x.device) - window // 2) ** 2
+    B, C, H, W = x.shape  # batch, channels, height, width
+    if min(H, W) < window:
+        raise ValueError(f"SSIM needs images of at least {window}x{window}, got {H}x{W}")
+    x, y = x.double(), y.double()
+    g = torch.exp(-(torch.arange(window, dtype=torch.float64, device=x.device) - window // 2) ** 2
                   / (2 * sigma**2))
     g = (g / g.sum()).view(1, 1, -1)
     w = (g.transpose(1, 2) @ g).expand(C, 1, window, window)  # [C,1,k,k] separable Gaussian
@@ -884,8 +887,9 @@ ADAM_BETAS_GAN = (0.5, 0.9)  # Adam betas of both the autoencoder and the discri
 class PatchGAN(nn.Module):
     """PatchGAN discriminator D (Isola et al. 2017; taming's NLayerDiscriminator) of the AE loss.
 
-    3 stride-2/1 conv layers with BatchNorm and LeakyReLU(0.2), ndf 64: 70x70 receptive field,
-    one real/fake logit per patch ([B, 1, 30, 30] for 256 px). Keys main.{0,2,3,5,...,11}.*
+    conv(s2) + LeakyReLU(0.2), three conv + BatchNorm + LeakyReLU blocks (strides 2, 2, 1;
+    64 -> 128 -> 256 -> 512 channels), conv to 1 channel: one real/fake logit per 70x70 patch
+    ([B, 1, 30, 30] for 256 px). Keys main.{0,2,3,5,...,11}.*
     match taming, so its weights load directly. BatchNorm uses per-process batch statistics.
     """
 
@@ -1972,3 +1976,17 @@ class ResumableSampler(torch.utils.data.Sampler):
             raise ValueError(f"cannot resume {consumed} consumed items on {self.world_size} ranks: "
                              f"use a world size that divides it (it was {state['world_size']})")
         self.epoch, self.position = state["epoch"], consumed // self.world_size
+
+
+def save_image_grid(rows, path, pad: int = 2):
+    """Write images in [-1, 1] as one PNG: `rows` is a list of [N, 3, H, W] tensors, one per row."""
+    rows = [((r.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for r in rows]
+    N, _, H, W = rows[0].shape
+    grid = torch.full((3, len(rows) * (H + pad) + pad, N * (W + pad) + pad), 255, dtype=torch.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            top, left = pad + i * (H + pad), pad + j * (W + pad)
+            grid[:, top:top + H, left:left + W] = im
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # [H_grid, W_grid, 3]

@@ -78,6 +78,8 @@ def test_lpips_matches_definition(lpips_files):
     assert got.shape == (2,)
     torch.testing.assert_close(got, reference_lpips(x, y, vgg, heads), atol=1e-5, rtol=1e-5)
     assert lp(x, x).abs().max() < 1e-6
+    with svg.autocast("bf16", "cpu"):  # trunk in bf16, distance in fp32
+        torch.testing.assert_close(lp(x, y), got, rtol=0.05, atol=0.0)
 
 
 def test_lpips_frozen_eval_and_differentiable(lpips_files):
@@ -171,9 +173,11 @@ def reference_ssim(x, y):
 
 def test_psnr_and_ssim():
     x = torch.rand(2, 3, 24, 24) * 2 - 1
-    assert torch.allclose(svg.psnr(x, x + 0.2), torch.full((2,), 20.0))  # mse 0.04, peak 2
+    assert torch.allclose(svg.psnr(x, x + 0.2), torch.full((2,), 20.0, dtype=torch.float64))  # mse 0.04, peak 2
     y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
     s = svg.ssim(x, y)
-    assert s.shape == (2,) and torch.allclose(svg.ssim(x, x), torch.ones(2))
+    assert s.shape == (2,) and torch.allclose(svg.ssim(x, x), torch.ones(2, dtype=torch.float64))
     for i in range(2):
-        assert s[i].item() == pytest.approx(reference_ssim(x[i], y[i]), abs=1e-5)
+        assert s[i].item() == pytest.approx(reference_ssim(x[i], y[i]), abs=1e-10)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        svg.ssim(x[..., :8, :8], y[..., :8, :8])

@@ -1,0 +1,288 @@
+"""Speed of every SVG stage on one device: stage-2 training step, encoder, decoder, sampling, FID.
+
+Like nanoGPT's bench.py: random weights and random inputs of the right shapes (no data,
+no checkpoints), a few warm-up iterations, timed repeats, one table plus the exact setup.
+
+    python bench.py --preset tiny                                            # 2-core CPU, ~20 s
+    python bench.py --preset paper --batch 32                                # one GPU, SVG-XL, bf16
+    python bench.py --preset paper --batch 64 --compile --what train,sample
+
+Rows. train (cached): one stage-2 step from cached features, as train_dit.py does it:
+flow matching loss (Eq. 3-5) under autocast, backward, AdamW (fused on CUDA), EMA update.
+train (+encode): the frozen SVG encoder under no_grad first (features on the fly).
+encode / decode: the SVG autoencoder alone (App. F, Table 7: throughput at batch 64,
+latency at batch 1). sample: N images, Euler ODE with CFG (App. A) + decode. fid: eval.py's
+FID InceptionV3 on uint8 images, in exact fp32 as `eval.py fid` runs it. Everything else
+runs under the one --precision autocast (the encoder too, also in the training step).
+
+Columns. ms/iter: median over --repeats (min-max beside it); images/s = batch / median.
+FLOPs are model FLOPs, 2 per multiply-add, of matrix products only (Linear layers,
+convolutions, attention QK^T and AV); norms, activations, softmax and the embedding lookup
+are not counted (< 1% for SiT). SiT: analytic (sit_forward_flops), training = 3 forwards
+(backward = 2 forwards; the forward that activation checkpointing recomputes is not
+counted, as MFU defines it); train (+encode) adds one encoder forward. Encoder, decoder,
+Inception: counted by torch's
+FlopCounterMode at batch 1, times the batch. MFU = achieved TFLOP/s / the device's dense
+peak for the precision (PEAK_TFLOPS; on a CPU or another GPU pass --peak-tflops).
+Peak memory: torch.cuda.max_memory_allocated over each row's timed iterations on CUDA (all
+resident models count: SiT, EMA, optimizer state, autoencoder); on CPU the process's peak
+resident set size (ru_maxrss), which includes every row before it.
+CPU threads (printed with the table): on idle cores torch's default (one per core) is best;
+when other work shares the cores, OpenMP threads wait for each other at every op and
+OMP_NUM_THREADS=1 was 3-10x faster on a busy 2-core machine. Compare both; keep the faster.
+"""
+
+import argparse
+import copy
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import svg
+from eval import FIDInceptionV3
+from train_dit import ADAM_BETAS, EMA_DECAY
+
+PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first key in the device name wins
+    "H100 PCIe": {"bf16": 756, "tf32": 378, "fp32": 51},
+    "H100": {"bf16": 989, "tf32": 495, "fp32": 67},  # SXM
+    "H800": {"bf16": 989, "tf32": 495, "fp32": 67},  # the official SVG training GPU
+    "H200": {"bf16": 989, "tf32": 495, "fp32": 67},  # H100's compute, more memory
+    "A100": {"bf16": 312, "tf32": 156, "fp32": 19.5},
+}
+PRESETS = {  # per-device batches: training step, encoder/decoder/Inception throughput, images sampled
+    "paper": dict(model="SiT-XL", ae="paper", batch=32, ae_batch=64, num_samples=64, precision="bf16"),
+    "tiny": dict(model="SiT-tiny", ae="tiny", batch=16, ae_batch=8, num_samples=8, precision="fp32"),
+}
+WHAT = ("train", "encode", "decode", "sample", "fid")
+CFG_SCALE = 1.5  # the paper's "w/ CFG" sampling (App. A)
+SAMPLE_STEPS = 25  # Euler steps = NFE (App. A)
+
+
+def what_list(text):
+    items = text.split(",")
+    unknown = [w for w in items if w not in WHAT]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}: pass a comma-separated subset of {','.join(WHAT)}")
+    return items
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="defaults for every unset flag")
+    p.add_argument("--model", choices=sorted(svg.SIT_PRESETS))
+    p.add_argument("--batch", type=int, help="training batch per device")
+    p.add_argument("--ae-batch", type=int, help="encoder / decoder / Inception throughput batch (Table 7: 64)")
+    p.add_argument("--num-samples", type=int, help="images sampled per timed iteration")
+    p.add_argument("--precision", choices=svg.PRECISIONS)
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT, encoder, decoder, Inception")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the SiT blocks")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--what", type=what_list, default=list(WHAT), help=f"comma-separated subset of {','.join(WHAT)}")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per row (compilation happens here)")
+    p.add_argument("--repeats", type=int, default=5, help="timed iterations per row")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device not in PEAK_TFLOPS")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for flag in ("batch", "ae_batch", "num_samples", "repeats"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        p.error(f"--peak-tflops must be > 0 (the device's dense TFLOP/s for --precision), got {args.peak_tflops}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device: run with --device cpu (or install a CUDA build)")
+    return args
+
+
+def sit_forward_flops(model, batch):
+    """Matmul FLOPs (2 per multiply-add) of one forward of an svg.SiT on `batch` feature maps."""
+    cfg = model.cfg
+    N, D, C = cfg.input_size**2, cfg.hidden_size, cfg.in_channels  # tokens, hidden, feature channels
+    H, F = int(D * cfg.mlp_ratio), model.t_embedder.freq_dim  # MLP hidden, t-frequency dim
+    block = (2 * N * D * 3 * D  # qkv
+             + 2 * 2 * N * N * D  # attention: QK^T and AV over all heads
+             + 2 * N * D * D  # proj
+             + 2 * 2 * N * D * H  # MLP fc1, fc2
+             + 2 * D * 6 * D)  # adaLN (one vector per image)
+    io = 2 * N * C * D + 2 * (F * D + D * D) + 2 * D * 2 * D + 2 * N * D * C  # x/t embedders, final adaLN + linear
+    return batch * (cfg.depth * block + io)
+
+
+def counted_flops(fn, *inputs):
+    """Matmul / conv FLOPs of fn(*inputs) by FlopCounterMode (math attention, which it can count)."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn(*inputs)
+    return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, warmup, repeats):
+    """Seconds of each of `repeats` calls of fn() after `warmup` untimed calls, device-synchronised."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def device_peak_tflops(args, device_name, precision):
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if args.device == "cuda":
+        for key, peaks in PEAK_TFLOPS.items():
+            if key in device_name:
+                return peaks[precision]
+    return None  # CPU or an unknown GPU: MFU n/a
+
+
+def cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def main(argv=None):
+    # ---------------------------------------------------------------- config, device, seed
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    svg.setup_precision(args.precision)
+    svg.set_seed(0)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+    # ---------------------------------------------------------------- models (random weights) and inputs
+    ae = svg.SVGAutoencoder(svg.AE_PRESETS[args.ae]).to(device).eval().requires_grad_(False)
+    C, grid, size = ae.feature_dim, ae.cfg.image_size // svg.PATCH_SIZE, ae.cfg.image_size
+    cfg = svg.SiTConfig(**{**asdict(svg.SIT_PRESETS[args.model]), "in_channels": C, "input_size": grid,
+                           "grad_checkpointing": args.checkpointing})
+    raw = svg.SiT(cfg).to(device)
+    ema = copy.deepcopy(raw).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, betas=ADAM_BETAS, weight_decay=0,
+                            fused=device.type == "cuda")  # as train_dit.py
+    stats = {"mean": torch.zeros(C, device=device), "std": torch.ones(C, device=device)}
+    compile_ = (lambda f: torch.compile(f, dynamic=False)) if args.compile else (lambda f: f)  # static shapes
+    sit, encode, decode = compile_(raw), compile_(ae.encode), compile_(ae.decode)
+
+    def images(batch):  # [B, 3, H, W] in [-1, 1]
+        return torch.rand(batch, 3, size, size, device=device) * 2 - 1
+
+    def labels(batch):
+        return torch.randint(0, cfg.num_classes, (batch,), device=device)
+
+    def train_step(x0_fn, y):
+        def step():
+            with torch.no_grad():
+                x0 = x0_fn()  # [B, C, h, w] normalised features
+            with svg.autocast(args.precision, device):
+                loss = svg.flow_matching_loss(sit, x0, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            svg.update_ema(ema, raw, EMA_DECAY)
+        return step
+
+    @torch.no_grad()
+    def run(fn, *inputs, precision=args.precision):
+        with svg.autocast(precision, device):
+            return fn(*inputs)
+
+    def sample(noise, y):  # Euler + CFG in normalised feature space, then decode
+        z = svg.sample_ode(sit, noise, y, SAMPLE_STEPS, cfg_scale=CFG_SCALE)  # [N, C, h, w]
+        return decode(svg.denormalize_features(z.float(), stats))  # [N, 3, H, W]
+
+    one_image, one_feature = images(1), torch.randn(1, C, grid, grid, device=device)
+    encode_flops, decode_flops = counted_flops(ae.encode, one_image), counted_flops(ae.decode, one_feature)
+    step_flops = 3 * sit_forward_flops(raw, args.batch)
+    rows = []  # (name, batch, seconds per iteration, FLOPs per iteration, precision, peak memory)
+
+    def time_row(name, batch, fn, flops, precision=args.precision):
+        raw.train(name.startswith("train"))
+        times = measure(fn, device, args.warmup, args.repeats)
+        rows.append((name, batch, times, flops, precision, peak_memory_gib(device)))
+        print(f"  {name}: {1e3 * statistics.median(times):.1f} ms", flush=True)
+
+    # ---------------------------------------------------------------- timed rows
+    print(f"bench.py: {args.preset} preset on {device_name}, rows as they finish:", flush=True)
+    if "train" in args.what:
+        x0, y = torch.randn(args.batch, C, grid, grid, device=device), labels(args.batch)
+        time_row("train (cached)", args.batch, train_step(lambda: x0, y), step_flops)
+        x = images(args.batch)
+        time_row("train (+encode)", args.batch,
+              train_step(lambda: svg.normalize_features(run(encode, x), stats), y),
+              step_flops + args.batch * encode_flops)
+    if "encode" in args.what:
+        for b in (args.ae_batch, 1):
+            x = images(b)
+            time_row("encode", b, lambda: run(encode, x), b * encode_flops)
+    if "decode" in args.what:
+        for b in (args.ae_batch, 1):
+            z = torch.randn(b, C, grid, grid, device=device)
+            time_row("decode", b, lambda: run(decode, z), b * decode_flops)
+    if "sample" in args.what:
+        noise, y = torch.randn(args.num_samples, C, grid, grid, device=device), labels(args.num_samples)
+        nfe_batch = args.num_samples * (2 if CFG_SCALE != 1 else 1)  # CFG: conditional + unconditional
+        time_row(f"sample {SAMPLE_STEPS} Euler", args.num_samples, lambda: run(sample, noise, y),
+              SAMPLE_STEPS * sit_forward_flops(raw, nfe_batch) + args.num_samples * decode_flops)
+    if "fid" in args.what:
+        svg.setup_precision("fp32")  # as eval.py fid: exact fp32 (no bf16, no TF32) for the FID features
+        inception = FIDInceptionV3().to(device).eval().requires_grad_(False)  # eval.py's network
+        u8 = torch.randint(0, 256, (args.ae_batch, 3, size, size), dtype=torch.uint8, device=device)
+        fid_flops = counted_flops(inception, u8[:1])
+        net = compile_(inception)
+        time_row("fid Inception fp32", args.ae_batch, lambda: run(net, u8, precision="fp32"),
+                 args.ae_batch * fid_flops, "fp32")
+
+    # ---------------------------------------------------------------- report
+    params = sum(p.numel() for p in raw.parameters())
+    threads = f", {torch.get_num_threads()} threads / {torch.get_num_interop_threads()} interop" \
+        if device.type == "cpu" else f", CUDA {torch.version.cuda}"
+    print(f"\ntorch {torch.__version__} on {device_name}{threads}")
+    print(f"preset {args.preset}: {args.model} ({params / 1e6:.1f}M params, {grid}x{grid}x{C} features), "
+          f"autoencoder {args.ae} ({size}px), precision {args.precision}, compile {args.compile}, "
+          f"checkpointing {args.checkpointing}, warmup {args.warmup}, repeats {args.repeats}, "
+          f"sampling {SAMPLE_STEPS} Euler steps cfg {CFG_SCALE}")
+    print(f"SiT forward {sit_forward_flops(raw, 1) / 1e9:.2f} GFLOP/img (analytic), encoder "
+          f"{encode_flops / 1e9:.2f}, decoder {decode_flops / 1e9:.2f} GFLOP/img (counted); 2 FLOPs per multiply-add")
+    memory = "peak GiB (CUDA alloc)" if device.type == "cuda" else "peak GiB (RSS)"
+    print(f"{'what':<20}{'batch':>6}{'ms/iter':>10}{'min-max':>16}{'images/s':>10}{'TFLOP/s':>10}{'MFU':>7}"
+          f"{memory:>23}")
+    for name, batch, times, flops, precision, memory_gib in rows:
+        median = statistics.median(times)
+        tflops = flops / median / 1e12
+        peak = device_peak_tflops(args, device_name, precision)
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        spread = f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}"
+        print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}{tflops:>10.3g}"
+              f"{mfu:>7}{memory_gib:>23.2f}")
+    peak = device_peak_tflops(args, device_name, args.precision)
+    print(f"MFU against {f'{peak} TFLOP/s dense {args.precision}' if peak else 'n/a: peak unknown, pass --peak-tflops'}")
+
+
+if __name__ == "__main__":
+    main()
