@@ -34,7 +34,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 import svg
@@ -85,18 +85,6 @@ def to_uint8(images):
     return x.permute(0, 2, 3, 1).to("cpu", torch.uint8)  # [B, H, W, 3]
 
 
-def save_grid(images, path, nrow, pad=2):
-    """uint8 [N, H, W, 3] -> one PNG with nrow images per row."""
-    N, H, W, _ = images.shape
-    rows = math.ceil(N / nrow)
-    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
-    for k, img in enumerate(images.numpy()):
-        r, c = divmod(k, nrow)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
-
-
 def generate(gen, noise, y, args, device, bar=None):
     """Normalised-feature noise [N, C, h, w] -> images in [-1, 1], [N, 3, H, W], in batches."""
     images = []
@@ -143,7 +131,7 @@ def run_grid(args, gen, dist):
     y = torch.tensor(args.classes).repeat_interleave(args.per_class)  # one row per class, [n]
     noise = sample_noise(range(len(y)), feature_shape(gen), args.seed)  # [n, C, h, w]
     images = generate(gen, noise, y, args, dist.device)  # [n, 3, H, W]
-    save_grid(to_uint8(images), args.out, nrow=args.per_class)
+    svg.save_image_grid(list(images.split(args.per_class)), args.out)  # one row per class
     print(f"saved {len(y)} samples ({args.steps} {args.method} steps, cfg {args.cfg_scale}) to {args.out}")
 
 
@@ -243,7 +231,7 @@ def run_interp(args, gen, dist):
                         + [svg.slerp(x0, x1, lam) for lam in lams])  # Eq. (8), [2 n, C, h, w]
     y = torch.full((len(noise),), args.class_id)  # one class for the whole strip
     images = generate(gen, noise, y, args, dist.device)  # [2 n, 3, H, W]
-    save_grid(to_uint8(images), args.out, nrow=args.num_points)  # row 1: lerp, row 2: slerp
+    svg.save_image_grid(list(images.split(args.num_points)), args.out)  # row 1: lerp, row 2: slerp
     print(f"saved {args.num_points}-point lerp (top) and slerp (bottom) strips to {args.out}")
 
 
@@ -274,6 +262,16 @@ def box_mask(box, region, size):
     return inside if region == "inside" else 1 - inside
 
 
+def draw_box(image, box):
+    """A copy of image [1, 3, H, W] with the box outlined in red (1 px, inside the box)."""
+    x0, y0, x1, y1 = box
+    out = image.clone()
+    red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1)  # [3, 1]
+    out[0, :, y0:y1, x0] = out[0, :, y0:y1, x1 - 1] = red
+    out[0, :, y0, x0:x1] = out[0, :, y1 - 1, x0:x1] = red
+    return out
+
+
 def edit_image(gen, image, y, source_y, mask, args, device):
     """[1, 3, H, W] image -> edited image [1, 3, H, W] in [-1, 1] (App. C)."""
     noise = sample_noise([0], feature_shape(gen), args.seed)  # [1, C, h, w]
@@ -292,12 +290,7 @@ def run_edit(args, gen, dist):
     mask = box_mask(args.box, args.region, size)  # [1, 1, h, w]
     source_y = None if args.source_class is None else torch.tensor([args.source_class])
     edited = edit_image(gen, image, torch.tensor([args.class_id]), source_y, mask, args, dist.device)
-    pair = to_uint8(torch.cat([image, edited.cpu()])).numpy()  # [2, H, W, 3]
-    panel = Image.fromarray(np.concatenate(list(pair), axis=1))  # [H, 2W, 3]: input | edited
-    ImageDraw.Draw(panel).rectangle([args.box[0], args.box[1], args.box[2] - 1, args.box[3] - 1],
-                                    outline=(255, 0, 0))  # the box on the input half
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    panel.save(args.out)
+    svg.save_image_grid([torch.cat([draw_box(image, args.box), edited.cpu()])], args.out)  # input | edited
     print(f"saved input | edit (class {args.class_id}, {args.region} of the box) to {args.out}")
 
 

@@ -154,15 +154,17 @@ def test_edit_with_nothing_to_edit_reproduces_the_reconstruction(ckpt, tmp_path)
     out = tmp_path / "edit.png"
     sample.main(["edit", "--ckpt", ckpt, "--image", str(tmp_path / "in.png"), "--class-id", "4", "--steps", "10",
                  "--box", "0", "0", str(SIZE), str(SIZE), "--region", "outside", "--out", str(out)])
-    panel = np.asarray(Image.open(out)).astype(int)
-    assert panel.shape == (SIZE, 2 * SIZE, 3)
+    panel = np.asarray(Image.open(out)).astype(int)  # input | edited, 2 px padding
+    assert panel.shape == (SIZE + 4, 2 * SIZE + 6, 3)
+    left, right = panel[2:2 + SIZE, 2:2 + SIZE], panel[2:2 + SIZE, SIZE + 4:2 * SIZE + 4]
     model, stats, ae = svg.load_generator(ckpt)
     image = sample.load_image(tmp_path / "in.png", SIZE)  # [1, 3, 32, 32]
     with torch.no_grad():
         recon = sample.to_uint8(ae.decode(ae.encode(image)).clamp(-1, 1))[0].numpy().astype(int)
-    assert np.abs(panel[:, SIZE:] - recon).max() <= 1  # the edited half is the AE reconstruction
+    assert np.abs(right - recon).max() <= 1  # the edited half is the AE reconstruction
     crop = sample.to_uint8(image)[0].numpy().astype(int)
-    assert np.array_equal(panel[1:-1, 1:SIZE - 1], crop[1:-1, 1:-1])  # input half (inside the red box outline)
+    assert np.abs(left[1:-1, 1:-1] - crop[1:-1, 1:-1]).max() <= 1  # the input, inside the red outline
+    assert (left[0, :] == [255, 0, 0]).all() and (left[:, -1] == [255, 0, 0]).all()
 
 
 def test_edit_regenerates_the_box_cells_only(ckpt):
