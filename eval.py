@@ -373,11 +373,6 @@ def open_images(path):
     raise FileNotFoundError(f"{path} is neither a folder of PNG/JPEG images nor an existing .npz file")
 
 
-def quantize(x):
-    """[-1, 1] float -> uint8 as saved to PNG/npz: round((x + 1) * 127.5)."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------------
 # DDP-aware extraction: each rank a strided slice, gathered back in dataset order
 # ----------------------------------------------------------------------------------
@@ -616,7 +611,7 @@ def evaluate_reconstruction(ae, dataset, inception, lpips, dist, batch_size=32, 
         x = x.to(dist.device)
         with svg.autocast(precision, dist.device):
             rec = ae.decode(ae.encode(x))  # [B, 3, H, W]
-        u_x, u_rec = quantize(x), quantize(rec.float())  # [B, 3, H, W] uint8
+        u_x, u_rec = svg.to_uint8(x), svg.to_uint8(rec)  # [B, 3, H, W] uint8
         pool3_x.append(inception(u_x)[0])
         pool3_rec.append(inception(u_rec)[0])
         lp = lpips(u_x.float() / 127.5 - 1, u_rec.float() / 127.5 - 1)  # [B]

@@ -79,12 +79,6 @@ def export_labels(num_samples, num_classes, scheme, seed):
     return torch.randint(0, num_classes, (num_samples,), generator=g)  # [N]
 
 
-def to_uint8(images):
-    """Images in [-1, 1], [B, 3, H, W] -> uint8 [B, H, W, 3]; floor(127.5 x + 128) as in ADM/DiT."""
-    x = (127.5 * images.float().clamp(-1, 1) + 128).clamp(0, 255)
-    return x.permute(0, 2, 3, 1).to("cpu", torch.uint8)  # [B, H, W, 3]
-
-
 def generate(gen, noise, y, args, device, bar=None):
     """Normalised-feature noise [N, C, h, w] -> images in [-1, 1], [N, 3, H, W], in batches."""
     images = []
@@ -204,7 +198,8 @@ def run_export(args, gen, dist):
     for k in todo:
         ids = list(range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)))
         noise = sample_noise(ids, feature_shape(gen), args.seed)  # [n, C, h, w]
-        images = to_uint8(generate(gen, noise, labels[ids], args, dist.device, bar))  # [n, H, W, 3]
+        images = generate(gen, noise, labels[ids], args, dist.device, bar)  # [n, 3, H, W] in [-1, 1]
+        images = svg.to_uint8(images).permute(0, 2, 3, 1).cpu()  # [n, H, W, 3] uint8
         svg.atomic_save({"images": images, "labels": labels[ids], "start": ids[0]}, shard_path(args.out_dir, k))
     bar.close()
     dist.barrier()

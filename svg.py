@@ -1984,9 +1984,18 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.epoch, self.position = state["epoch"], consumed // self.world_size
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> uint8 pixels, same shape and device: floor(127.5 x + 128) as ADM / DiT.
+
+    The one quantisation of the project: PNGs, the FID export (sample.py) and the uint8
+    images the metrics see (eval.py) all go through it.
+    """
+    return (127.5 * images.detach().float().clamp(-1, 1) + 128).clamp(0, 255).to(torch.uint8)
+
+
 def save_image_grid(rows, path, pad: int = 2):
     """Write images in [-1, 1] as one PNG: `rows` is a list of [N, 3, H, W] tensors, one per row."""
-    rows = [((r.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for r in rows]
+    rows = [to_uint8(r).cpu() for r in rows]
     N, _, H, W = rows[0].shape
     grid = torch.full((3, len(rows) * (H + pad) + pad, N * (W + pad) + pad), 255, dtype=torch.uint8)
     for i, row in enumerate(rows):

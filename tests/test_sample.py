@@ -160,9 +160,9 @@ def test_edit_with_nothing_to_edit_reproduces_the_reconstruction(ckpt, tmp_path)
     model, stats, ae = svg.load_generator(ckpt)
     image = sample.load_image(tmp_path / "in.png", SIZE)  # [1, 3, 32, 32]
     with torch.no_grad():
-        recon = sample.to_uint8(ae.decode(ae.encode(image)).clamp(-1, 1))[0].numpy().astype(int)
+        recon = svg.to_uint8(ae.decode(ae.encode(image)))[0].permute(1, 2, 0).numpy().astype(int)
     assert np.abs(right - recon).max() <= 1  # the edited half is the AE reconstruction
-    crop = sample.to_uint8(image)[0].numpy().astype(int)
+    crop = svg.to_uint8(image)[0].permute(1, 2, 0).numpy().astype(int)
     assert np.abs(left[1:-1, 1:-1] - crop[1:-1, 1:-1]).max() <= 1  # the input, inside the red outline
     assert (left[0, :] == [255, 0, 0]).all() and (left[:, -1] == [255, 0, 0]).all()
 
