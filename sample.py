@@ -100,18 +100,6 @@ def decode(gen, z):
         return gen.ae.decode(svg.denormalize_features(z.float(), gen.stats)).float().clamp(-1, 1)
 
 
-def load_generator(args):
-    """svg.load_generator, with the fix named when a train_dit.py checkpoint lacks feature stats."""
-    try:
-        return svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats)
-    except KeyError as e:
-        if e.args != ("feature_stats",):
-            raise
-        raise ValueError(f"{args.ckpt} has no feature statistics ('feature_stats': per-channel mean / std "
-                         "of the SVG features the SiT was trained on), so samples cannot be denormalised: "
-                         "use a checkpoint written by train_dit.py, which stores them") from e
-
-
 def feature_shape(gen):
     cfg = gen.model.cfg
     return (cfg.in_channels, cfg.input_size, cfg.input_size)  # [C, h, w] the SiT generates
@@ -354,7 +342,7 @@ def main(argv=None):
         raise ValueError(f"only `export` runs across ranks: run `python sample.py {args.command} ...`")
     svg.setup_precision(args.precision)
     # No global seed: every random draw comes from a generator seeded with (seed, sample id).
-    model, stats, ae = load_generator(args)  # EMA SiT, frozen, CPU
+    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats)  # EMA SiT, frozen, CPU
     gen = SimpleNamespace(model=model.to(dist.device), stats=stats, ae=ae.to(dist.device),
                           num_classes=model.cfg.num_classes)
     {"grid": run_grid, "export": run_export, "interp": run_interp, "edit": run_edit}[args.command](args, gen, dist)

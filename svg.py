@@ -34,19 +34,18 @@ Conventions, stated once here and used everywhere:
 """
 
 import contextlib
-import json
 import math
 import os
 import random
+import re
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import re
-import tempfile
-import warnings
 from PIL import Image
 from tqdm import tqdm
 
@@ -1530,6 +1529,10 @@ def load_generator(path, ae=None, stats=None):
         model = SiT(SiTConfig(**ckpt["sit_config"]))
         load_strict(model, ckpt["ema"], f"the EMA weights of {path}")
         autoencoder = load_autoencoder({"ae_config": ckpt["ae_config"], "ae": ckpt["ae"]})
+        if "feature_stats" not in ckpt:
+            raise ValueError(f"{path} has no feature statistics ('feature_stats': per-channel mean / std of the "
+                             "SVG features the SiT was trained on), so samples cannot be denormalised: use a "
+                             "checkpoint written by train_dit.py, which stores them")
         stats = load_feature_stats(ckpt["feature_stats"], model.cfg.in_channels)
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
         if ae is None or stats is None:
