@@ -1,7 +1,5 @@
 """Tests for toy/velocity_field.py: the closed-form field, the Euler sampler, the metrics, the script, the notebook."""
 
-import math
-import os
 from dataclasses import replace
 from pathlib import Path
 
