@@ -26,14 +26,6 @@ COMPILE_REL_TOL = 1e-5  # same fp32 math, possibly re-ordered reductions
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: same numerics, and several times faster on a busy 2-core machine (see bench.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_sit(**overrides):
     """SiT-tiny on 392 x 4 x 4 features, adaLN-Zero perturbed: zero gates and head would make the

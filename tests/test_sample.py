@@ -52,15 +52,6 @@ def ckpt(tmp_path_factory):
     return tiny_stage2_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, like the OMP_NUM_THREADS=1 torchrun runs (same numerics; tiny convs run
-    faster single-threaded on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 EXPORT = ["--num-samples", "10", "--shard-size", "3", "--batch-size", "2", "--steps", "4", "--seed", "3",
           "--cfg-scale", "1.5", "--zero-init-steps", "1"]
@@ -77,12 +68,9 @@ def torchrun_export(ckpt, out_dir, nproc):
 
 @pytest.fixture(scope="module")
 def one_process_export(ckpt, tmp_path_factory):
-    """Plain `python sample.py export` (world size 1), one thread."""
+    """Plain `python sample.py export` (world size 1)."""
     out = tmp_path_factory.mktemp("one")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     sample.main(["export", "--ckpt", ckpt, "--out-dir", str(out), *EXPORT])
-    torch.set_num_threads(n)
     return np.load(out / "samples.npz")
 
 

@@ -11,14 +11,6 @@ from toy import velocity_field as vf
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy tensors are tiny: one thread is faster, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _mc_velocity(gm, x_t, t, y, num=200_000, seed=0):
     """Self-normalised importance-sampling estimate of E[eps - x_0 | x_t, y] (independent of the closed form).

@@ -20,14 +20,6 @@ TINY = ["--preset", "tiny", "--ae-set", "dino_arch=dinov3_tiny", "image_size=32"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on a shared 2-core box run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def run(tmp_path, *extra):
     return train_ae.main(TINY + ["--out", str(tmp_path)] + [str(e) for e in extra])
@@ -68,7 +60,6 @@ def straight(tmp_path_factory):
     """6 iterations in one go, GAN from iteration 3, checkpoints at 3 and 6."""
     out = tmp_path_factory.mktemp("straight")
     with torch.random.fork_rng():
-        torch.set_num_threads(1)
         hist = run(out, "--steps", 6, "--disc-start", 3, "--ckpt-every", 3)["history"]
     return out, hist
 

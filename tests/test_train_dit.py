@@ -30,15 +30,6 @@ def save_ae(path, seed=0, step=5):
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: several processes share 2 cores, and spinning OpenMP threads under
-    oversubscription make tiny steps ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def ae_path(tmp_path_factory):
