@@ -8,12 +8,12 @@ no checkpoints), a few warm-up iterations, timed repeats, one table plus the exa
     python bench.py --preset paper --batch 64 --compile --what train,sample
 
 Rows. train (cached): one stage-2 step from cached features, as train_dit.py does it:
-flow matching loss (Eq. 3-5) under autocast, backward, AdamW (fused on CUDA), EMA update.
-train (+encode): the frozen SVG encoder under no_grad first (features on the fly).
+flow matching loss (Eq. 3-5) under autocast, backward, fused AdamW, EMA update.
+train (+encode): the frozen SVG encoder under no_grad first, outside autocast as in train_dit.py.
 encode / decode: the SVG autoencoder alone (App. F, Table 7: throughput at batch 64,
 latency at batch 1). sample: N images, Euler ODE with CFG (App. A) + decode. fid: eval.py's
 FID InceptionV3 on uint8 images, in exact fp32 as `eval.py fid` runs it. Everything else
-runs under the one --precision autocast (the encoder too, also in the training step).
+runs under the one --precision autocast (encode/decode rows included).
 
 Columns. ms/iter: median over --repeats (min-max beside it); images/s = batch / median.
 FLOPs are model FLOPs, 2 per multiply-add, of matrix products only (Linear layers,
@@ -46,7 +46,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import svg
 from eval import FIDInceptionV3
-from train_dit import ADAM_BETAS, EMA_DECAY
 
 PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first key in the device name wins
     "H100 PCIe": {"bf16": 756, "tf32": 378, "fp32": 51},
@@ -88,9 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed iterations per row")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device not in PEAK_TFLOPS")
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    svg.apply_preset(args, PRESETS[args.preset])
     for flag in ("batch", "ae_batch", "num_samples", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
@@ -183,8 +180,7 @@ def main(argv=None):
                            "grad_checkpointing": args.checkpointing})
     raw = svg.SiT(cfg).to(device)
     ema = copy.deepcopy(raw).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, betas=ADAM_BETAS, weight_decay=0,
-                            fused=device.type == "cuda")  # as train_dit.py
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4, betas=svg.ADAM_BETAS, weight_decay=0, fused=True)  # as train_dit.py
     stats = {"mean": torch.zeros(C, device=device), "std": torch.ones(C, device=device)}
     compile_ = (lambda f: torch.compile(f, dynamic=False)) if args.compile else (lambda f: f)  # static shapes
     sit, encode, decode = compile_(raw), compile_(ae.encode), compile_(ae.decode)
@@ -204,7 +200,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            svg.update_ema(ema, raw, EMA_DECAY)
+            svg.update_ema(ema, raw, svg.EMA_DECAY)
         return step
 
     @torch.no_grad()
@@ -234,7 +230,7 @@ def main(argv=None):
         time_row("train (cached)", args.batch, train_step(lambda: x0, y), step_flops)
         x = images(args.batch)
         time_row("train (+encode)", args.batch,
-              train_step(lambda: svg.normalize_features(run(encode, x), stats), y),
+              train_step(lambda: svg.normalize_features(run(encode, x, precision="fp32"), stats), y),
               step_flops + args.batch * encode_flops)
     if "encode" in args.what:
         for b in (args.ae_batch, 1):

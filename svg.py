@@ -34,6 +34,7 @@ Conventions, stated once here and used everywhere:
 """
 
 import contextlib
+import glob
 import math
 import os
 import random
@@ -57,6 +58,8 @@ RESIDUAL_DIM = 8  # residual channels added to DINO's 384 (Sec. 3.3)
 NUM_CLASSES = 1000  # ImageNet-1K
 TRAIN_TIME_SHIFT = 2.5  # official training shift 0.4 in reversed time = 1 / 0.4
 SAMPLE_TIME_SHIFT = 1 / 0.15  # official sampling shift 0.15 in reversed time
+ADAM_BETAS = (0.9, 0.999)  # stage-2 AdamW (Table 5)
+EMA_DECAY = 0.9999  # stage-2 EMA, updated every step (official)
 
 
 # ----------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ class RopePositionEmbedding(nn.Module):
         coords_w = torch.arange(0.5, w, device=dev, dtype=torch.float32) / w
         coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), -1)  # [h, w, 2]
         coords = 2.0 * coords.flatten(0, 1) - 1.0  # [hw, 2] (y, x) in (-1, 1)
-        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()[None, None, :]  # [hw, 2, D/4]
+        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [hw, 2, D/4]
         angles = angles.flatten(1, 2).tile(2)  # [hw, D]: [y, x, y, x] blocks
         return torch.sin(angles), torch.cos(angles)
 
@@ -269,7 +272,8 @@ class DinoV3(nn.Module):
         outs = {}
         for i, blk in enumerate(self.blocks[: max(take) + 1]):  # stop after the last block needed
             tokens = blk(tokens, rope)
-            outs[i] = tokens
+            if i in take:  # keep only the requested blocks' outputs
+                outs[i] = tokens
         return [outs[i] for i in take]
 
     def forward_features(self, x):
@@ -437,14 +441,13 @@ class ViTEncoder(nn.Module):
 class ResidualEncoder(nn.Module):
     """Residual encoder F_R (Sec. 3.3): a small ViT over the 16x16 patches -> [B, 8, h, w]."""
 
-    def __init__(self, image_size=256, depth=6, width=384, heads=8, mlp_dim=1536, dropout=0.1,
-                 out_dim=RESIDUAL_DIM):
+    def __init__(self, image_size=256, depth=6, width=384, heads=8, mlp_dim=1536, dropout=0.1):
         super().__init__()
         n = image_size // PATCH_SIZE
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))  # dropped after the encoder
         self.conv_proj = nn.Conv2d(3, width, PATCH_SIZE, stride=PATCH_SIZE)
         self.encoder = ViTEncoder(1 + n * n, width, depth, heads, mlp_dim, dropout)
-        self.heads = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, out_dim))
+        self.heads = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, RESIDUAL_DIM))
 
     def forward(self, x):
         """x: ImageNet-normalised images (the same tensor DINO gets)."""
@@ -731,8 +734,9 @@ def load_autoencoder(path_or_dict, dino_weights=None):
 # ----------------------------------------------------------------------------------
 # LPIPS v0.1 (VGG16): perceptual loss and metric
 # ----------------------------------------------------------------------------------
-LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # = 2 * IMAGENET_MEAN - 1: ImageNet normalisation of (x+1)/2
-LPIPS_SCALE = (0.458, 0.448, 0.450)  # = 2 * IMAGENET_STD
+# LPIPS' ScalingLayer (-0.030, -0.088, -0.188) / (0.458, 0.448, 0.450) is ImageNet normalisation of (x+1)/2:
+LPIPS_SHIFT = tuple(2 * m - 1 for m in IMAGENET_MEAN)
+LPIPS_SCALE = tuple(2 * s for s in IMAGENET_STD)
 VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 LPIPS_TAPS = (3, 8, 15, 22, 29)  # torchvision vgg16.features indices of relu1_2, 2_2, 3_3, 4_3, 5_3
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
@@ -800,7 +804,7 @@ def _load_state(path, url: str, what: str, how: str) -> dict:
                                     f"Fetch it and pass {how}") from e
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path!r} not found. Fetch it from {url} and pass {how}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _read_weights(path)
 
 
 def load_lpips(vgg_path=None, heads_path=None) -> LPIPS:
@@ -1170,7 +1174,8 @@ def flow_matching_loss(model, x0, y, shift=TRAIN_TIME_SHIFT, t=None, eps=None, d
     """Flow matching loss, Eq. (3)-(5) with lambda(t) = 1: mean squared error of the velocity.
 
     x0 [B,C,h,w] normalised features, y [B] labels. t [B], eps [B,C,h,w] and drop_labels [B]
-    (bool, labels -> null class) are drawn here from the global RNG unless given; the
+    (bool, labels -> null class) are drawn here from the global RNG unless given (drop_labels
+    is then left to the SiT's label dropout, active in training mode only); the
     training script passes them to make the randomness a function of the global sample.
     """
     if t is None:
@@ -1704,7 +1709,7 @@ class SyntheticImages(torch.utils.data.Dataset):
         label = index % self.num_classes
         rng = np.random.default_rng((self.seed, index))
         S = self.image_size
-        y, x = np.mgrid[0:S, 0:S].astype(np.float32) / S  # pixel centres in [0, 1)
+        y, x = np.mgrid[0:S, 0:S].astype(np.float32) / S  # pixel grid i / S in [0, 1)
         c0, c1, fg = rng.uniform(-1, 1, size=(3, 3)).astype(np.float32)  # two bg colours, shape colour
         angle = rng.uniform(0, 2 * np.pi)
         ramp = (np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5) + 0.71) / 1.42  # in [0, 1]
@@ -1874,6 +1879,20 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
             e.copy_(src[name])
 
 
+def apply_preset(args, preset: dict):
+    """Fill every flag left unset (None) on the command line from the preset's defaults."""
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def latest_checkpoint(out):
+    """The newest <out>/checkpoints/NNNNNNN.pt (scripts name checkpoints by step), or None."""
+    paths = sorted(glob.glob(os.path.join(out, "checkpoints", "[0-9]" * 7 + ".pt")))
+    return paths[-1] if paths else None
+
+
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`.
 
@@ -1988,7 +2007,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> uint8 pixels, same shape and device: floor(127.5 x + 128) as ADM / DiT.
+    """Images in [-1, 1] -> uint8 pixels, same shape and device: floor(127.5 x + 128) as DiT's sample export.
 
     The one quantisation of the project: PNGs, the FID export (sample.py) and the uint8
     images the metrics see (eval.py) all go through it.

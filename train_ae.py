@@ -17,25 +17,26 @@ Under DDP the residual encoder, mask token, decoder and discriminator are synchr
 the frozen DINO is not a DDP parameter. Each rank sees its own batch in three places, as in
 the official code: Eq. (6) batch statistics (align="batch"), the mask augmentation draws,
 and the discriminator's BatchNorm. A W-rank run therefore equals a 1-rank run with the same
-global batch only with align "image"/"none", mask_prob 0 and before --disc-start.
+global batch only with align "image"/"none", mask_prob 0, residual_dropout 0 and before
+--disc-start.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
 from svg import (
     ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, PRECISIONS, PatchGAN, ResumableSampler,
-    SVGAutoencoder, adaptive_weight, align_residual, atomic_save, autocast, build_dataset,
-    gan_active, generator_loss, hinge_d_loss, init_distributed, load_dinov3, load_lpips,
+    SVGAutoencoder, adaptive_weight, align_residual, apply_preset, atomic_save, autocast, build_dataset,
+    gan_active, generator_loss, hinge_d_loss, init_distributed, latest_checkpoint, load_dinov3, load_lpips,
     load_strict, psnr, reconstruction_loss, rng_state, save_image_grid, set_rng_state, set_seed,
     setup_precision, ssim,
 )
@@ -92,9 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--resume", help="checkpoint path, or 'auto' = the latest in <out>/checkpoints if any")
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_preset(args, PRESETS[args.preset])
     args.out = args.out or os.path.join("runs", f"ae-{args.preset}")
     if args.data is None:
         p.error("--data is required with --preset paper: an ImageNet-style folder such as "
@@ -182,9 +181,9 @@ def save_reconstructions(ae, images, path, precision, device):
     save_image_grid(rows, path)
 
 
-def latest_checkpoint(out):
-    paths = sorted(glob.glob(os.path.join(out, "checkpoints", "*.pt")))
-    return paths[-1] if paths else None
+def spread(n, k):
+    """k indices evenly spaced over range(n) (all classes of a class-sorted folder, not a tail)."""
+    return np.linspace(0, n - 1, k).round().astype(int).tolist() if k else []
 
 
 def main(argv=None):
@@ -217,14 +216,17 @@ def main(argv=None):
         f"({batch} per rank), {args.precision}, args {vars(args)}")
     log(f"AEConfig {dataclasses.asdict(cfg)}")
 
-    # ---- data: training images; held-out images (centre crop) for metrics and grids are the
-    # last --num-eval of --val-data, or else of --data (then excluded from training)
+    # ---- data: training images; held-out images (centre crop) for metrics and grids are
+    # --num-eval images evenly spaced over --val-data, or else over --data (then excluded from
+    # training). Evenly spaced: folders are sorted by class, so a tail would be a few classes.
     size = cfg.image_size
     hold_out = 0 if args.val_data else args.num_eval
     n_images = args.num_synthetic + hold_out  # used by the synthetic set only
     train_set = build_dataset(args.data, size, crop=args.crop, flip=args.flip, on_error=args.on_error,
                               seed=args.seed, num_images=n_images)
-    n_train = len(train_set) - hold_out
+    held = set(spread(len(train_set), hold_out))
+    train_subset = torch.utils.data.Subset(train_set, [i for i in range(len(train_set)) if i not in held])
+    n_train = len(train_subset)
     if n_train < args.global_batch:
         raise ValueError(f"{n_train} training images is less than one global batch ({args.global_batch})")
     eval_set = build_dataset(args.val_data or args.data, size, crop="center", on_error=args.on_error,
@@ -232,15 +234,15 @@ def main(argv=None):
                              num_images=args.num_eval if args.val_data else n_images)
     if args.num_eval > len(eval_set):
         raise ValueError(f"--num-eval {args.num_eval} exceeds the {len(eval_set)} held-out images")
-    eval_images = (torch.stack([eval_set[i][0] for i in range(len(eval_set) - args.num_eval, len(eval_set))])
+    eval_images = (torch.stack([eval_set[i][0] for i in spread(len(eval_set), args.num_eval)])
                    if dist.is_main else None)  # [num_eval, 3, H, W]
     sampler = ResumableSampler(n_train, dist.world_size, dist.rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
+        train_subset, batch_size=batch, sampler=sampler, num_workers=args.num_workers, drop_last=True,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG stream untouched
     log(f"data: {args.data} ({n_train} training images), held-out: "
-        f"{args.val_data or 'last ' + str(args.num_eval) + ' of --data'} ({args.num_eval} images)")
+        f"{args.num_eval} images spread over {args.val_data or '--data'}")
 
     # ---- models and optimisers. Initialised from --seed alone (the same for any world size);
     # per-rank randomness (mask augmentation, dropout) uses seed * world + rank.

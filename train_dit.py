@@ -22,7 +22,6 @@ run does not depend on the number of GPUs, and resuming needs no generator state
 
 import argparse
 import copy
-import glob
 import hashlib
 import json
 import os
@@ -38,8 +37,6 @@ from tqdm import tqdm
 
 import svg
 
-EMA_DECAY = 0.9999  # official, every step
-ADAM_BETAS = (0.9, 0.999)  # Table 5
 NO_BAD_STEP = 2**62  # "no non-finite loss yet" in the device-side NaN tracker
 SYNTHETIC_DATA = dict(num_images=256, num_classes=4)  # --data synthetic (the tiny preset)
 PRESETS = {
@@ -76,9 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", help='checkpoint path, or "auto" = the latest in <out>/checkpoints (fresh if none)')
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    svg.apply_preset(args, PRESETS[args.preset])
     if args.ae is None:
         p.error("--ae is required: the stage-1 autoencoder checkpoint the features come from (train_ae.py output "
                 "or the official SVG autoencoder .ckpt). The official release never loads it and trains on a "
@@ -240,11 +235,6 @@ def step_noise(generator, seed, step, global_batch, positions, shape, shift, dro
     return t[positions], eps[positions], drop[positions]
 
 
-def latest_checkpoint(out):
-    ckpts = sorted(glob.glob(os.path.join(out, "checkpoints", "[0-9]" * 7 + ".pt")))
-    return ckpts[-1] if ckpts else None
-
-
 def main(argv=None):
     # ---------------------------------------------------------------- config, distributed, seed, logger
     args = parse_args(argv)
@@ -265,7 +255,7 @@ def main(argv=None):
                 f.write(msg + "\n")
 
     log(f"train_dit.py {json.dumps(vars(args))} | {dist.world_size} process(es) on {device}")
-    resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
+    resume = svg.latest_checkpoint(args.out) if args.resume == "auto" else args.resume
     if args.resume == "auto" and resume is None:
         log(f"--resume auto: no checkpoint in {args.out}/checkpoints, starting fresh")
     ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume else None
@@ -322,7 +312,7 @@ def main(argv=None):
                 broadcast_buffers=False) if dist.initialized else raw
     forward = torch.compile(model) if args.compile else model
     # fused: one multi-tensor kernel per step instead of several per parameter (CUDA and CPU)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=ADAM_BETAS, weight_decay=0, fused=True)
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, betas=svg.ADAM_BETAS, weight_decay=0, fused=True)
     log(f"{args.model}: {sum(p.numel() for p in raw.parameters()):,} parameters, {cfg}")
 
     # ---------------------------------------------------------------- resume
@@ -377,8 +367,8 @@ def main(argv=None):
     while step < args.steps:
         x, y = next(data)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        # No graph through the frozen encoder; it runs outside autocast, so on-the-fly features
-        # are bit-compatible with the fp32 statistics and the cache (the encoder is ~3% of the FLOPs).
+        # No graph through the frozen encoder; it runs outside autocast, with the same numerics as
+        # the statistics pass and --extract (before the cache rounds to 16 bits); ~3% of the FLOPs.
         with torch.no_grad():
             x0 = ae.encode(x) if args.cache is None else train_set.to_float(x)  # [B, C, h, w]
             x0 = svg.normalize_features(x0, stats_dev)
@@ -391,15 +381,16 @@ def main(argv=None):
         if args.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
         opt.step()
-        svg.update_ema(ema, raw, EMA_DECAY)
+        svg.update_ema(ema, raw, svg.EMA_DECAY)
         step += 1
         window_steps += 1
         loss = loss.detach()
         loss_sum += loss
         first_bad = torch.where(torch.isfinite(loss), first_bad, torch.clamp(first_bad, max=step))
 
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
+            stop_if_nonfinite()  # once per log or checkpoint step, never per training step
         if step % args.log_every == 0 or step == args.steps:
-            stop_if_nonfinite()
             mean_loss = dist.all_reduce_mean(loss_sum).item() / window_steps
             elapsed = time.time() - window_start
             log(f"step {step:7d} | loss {mean_loss:.4f} | {window_steps / elapsed:.2f} steps/s | "
@@ -407,7 +398,6 @@ def main(argv=None):
             loss_sum.zero_()
             window_start, window_steps = time.time(), 0
         if step % args.ckpt_every == 0 or step == args.steps:
-            stop_if_nonfinite()
             if dist.is_main:
                 last_ckpt = os.path.join(args.out, "checkpoints", f"{step:07d}.pt")
                 svg.atomic_save({

@@ -54,7 +54,7 @@ def load(path):
 def test_paper_preset_is_table5():
     a = train_dit.parse_args(["--ae", "ae.pt", "--data", "imagenet/train"])
     assert (a.model, a.global_batch, a.lr, a.steps) == ("SiT-XL", 256, 1e-4, 7_000_000)
-    assert train_dit.ADAM_BETAS == (0.9, 0.999) and train_dit.EMA_DECAY == 0.9999
+    assert svg.ADAM_BETAS == (0.9, 0.999) and svg.EMA_DECAY == 0.9999
     assert train_dit.parse_args(["--preset", "paper", "--ae", "a", "--data", "d", "--lr", "3e-4"]).lr == 3e-4
 
 
