@@ -53,7 +53,6 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 INCEPTION_SIZE = 299  # TF FID graph input resolution
 INCEPTION_RESIZE = "bilinear to 299x299, align_corners=False, no antialias, before scaling to [-1, 1] (pytorch-fid)"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 IS_SPLITS = 10  # Inception Score splits (Salimans et al. 2016; ADM: 5000-image chunks of 50k)
 PROBE_LR, PROBE_WEIGHT_DECAY = 5e-4, 1e-2  # App. B linear classifier, AdamW
 PR_NEIGHBOURS = 3  # k of the improved precision/recall manifolds (Kynkaanniemi et al. 2019, ADM)
@@ -341,15 +340,13 @@ class NpzImages(torch.utils.data.Dataset):
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """PNG / JPEG files under a folder, uncropped, as uint8 [3, H, W] (samples)."""
+    """Image files under a folder (svg.IMAGE_EXTENSIONS), uncropped, as uint8 [3, H, W] (samples)."""
 
     def __init__(self, root):
         self.path = root
-        self.files = sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        self.files = svg.ImageFolder.find_images(root, recursive=True)  # svg.IMAGE_EXTENSIONS, sorted
         if not self.files:
-            raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {root}")
+            raise FileNotFoundError(f"no {'/'.join(svg.IMAGE_EXTENSIONS)} images under {root}")
         with Image.open(self.files[0]) as im:
             self.size = im.size  # every sample must share it (batches are stacked)
 
@@ -825,7 +822,7 @@ def main():
     p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's image_size")
     p.add_argument("--num-images", type=int, default=None, help="evaluate only the first N images (default all)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch per rank")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32",
                    help="autoencoder precision (bf16 autocast); tf32 and bf16 also allow TF32 in Inception and LPIPS")
 
     p = common(sub.add_parser("probe", help="linear probe top-1/top-5, DINO-only vs SVG features (Table 4)"))
@@ -837,7 +834,7 @@ def main():
     p.add_argument("--epochs", type=int, default=30, help="App. B: 30")
     p.add_argument("--batch-size", type=int, default=3072, help="classifier batch (App. B: 3072)")
     p.add_argument("--feature-batch-size", type=int, default=64, help="images per encoder batch per rank")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32", help="autoencoder precision")
+    p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("bench-fid", help="time the FID statistics and matrix square root on random features")
@@ -851,8 +848,7 @@ def main():
     dist = svg.init_distributed()
     svg.setup_precision(args.precision if args.command in ("recon", "probe") else "fp32")  # fid: exact fp32
     {"fid": run_fid, "recon": run_recon, "probe": run_probe}[args.command](args, dist)
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+    dist.close()
 
 
 if __name__ == "__main__":

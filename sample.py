@@ -280,23 +280,25 @@ def run_edit(args, gen, dist):
 # ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
-def add_common(p, steps, cfg_scale, shift, out, batch_size=32):
+def add_common(p, steps, cfg_scale, shift, out, batch_size=32, sampler_options=True):
+    """Flags every subcommand shares; sampler_options: the batched ODE / guidance modes (not edit)."""
     p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (train_dit.py, or the official SVG-XL .pt)")
     p.add_argument("--ae", default=None, help="official SVG-XL only: its autoencoder .ckpt (HF howlin/SVG)")
     p.add_argument("--stats", default=None, help="official SVG-XL only: dinov3_sp_stats.pt (shiml20/SVG)")
     p.add_argument("--steps", type=positive_int, default=steps, help="Euler steps = NFE (App. A)")
-    p.add_argument("--method", choices=svg.SAMPLER_METHODS, default="euler")
     p.add_argument("--shift", type=float, default=shift,
                    help="sampling time shift a in t' = a t / (1 + (a - 1) t); official s = 1 / a")
     p.add_argument("--cfg-scale", type=float, default=cfg_scale, help="guidance w; 1 = no guidance")
-    p.add_argument("--cfg-mode", choices=svg.CFG_MODES, default="constant")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),
-                   help="with --cfg-mode interval: guide only while T_LO <= t <= T_HI")
-    p.add_argument("--zero-init-steps", type=int, default=0,
-                   help="CFG-Zero* zero-init: velocity 0 for the first k steps (paper: 1 with cfg 1.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
-    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward, per rank")
+    if sampler_options:
+        p.add_argument("--method", choices=svg.SAMPLER_METHODS, default="euler")
+        p.add_argument("--cfg-mode", choices=svg.CFG_MODES, default="constant")
+        p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),
+                       help="with --cfg-mode interval: guide only while T_LO <= t <= T_HI")
+        p.add_argument("--zero-init-steps", type=int, default=0,
+                       help="CFG-Zero* zero-init: velocity 0 for the first k steps (paper: 1 with cfg 1.5)")
+        p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward, per rank")
     if out is not None:
         p.add_argument("--out", default=out, help="output PNG")
 
@@ -322,7 +324,8 @@ def parse_args(argv=None):
     p.add_argument("--class-id", type=int, required=True)
     p.add_argument("--num-points", type=positive_int, default=10)
     p = sub.add_parser("edit", help="zero-shot class-conditional editing of a box (App. C)")
-    add_common(p, steps=100, cfg_scale=4.0, shift=svg.EDIT_TIME_SHIFT, out="samples/edit.png")
+    add_common(p, steps=100, cfg_scale=4.0, shift=svg.EDIT_TIME_SHIFT, out="samples/edit.png",
+               sampler_options=False)
     p.add_argument("--image", required=True)
     p.add_argument("--class-id", type=int, required=True, help="the new class")
     p.add_argument("--source-class", type=int, default=None,

@@ -1622,14 +1622,14 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root, self.image_size, self.crop, self.flip = root, image_size, crop, flip
         self.on_error, self.seed, self.epoch = on_error, seed, 0
         subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        top_files = self._find(root, recursive=False)
+        top_files = self.find_images(root, recursive=False)
         if subdirs and top_files:
             raise ValueError(f"{root!r} holds both images and sub-folders: use class sub-folders "
                              f"only (labels by folder) or a flat folder of images (label 0)")
         self.classes = subdirs or [os.path.basename(os.path.normpath(root))]
         if subdirs:
             self.samples = [(p, label) for label, c in enumerate(subdirs)
-                            for p in self._find(os.path.join(root, c), recursive=True)]
+                            for p in self.find_images(os.path.join(root, c), recursive=True)]
         else:
             self.samples = [(p, 0) for p in top_files]
         if not self.samples:
@@ -1637,7 +1637,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.num_skipped, self._warned = 0, set()
 
     @staticmethod
-    def _find(folder, recursive: bool) -> list:
+    def find_images(folder, recursive: bool) -> list:
+        """Image files (svg.IMAGE_EXTENSIONS, any case) in `folder`, sorted; recursive: sub-folders too."""
         if not recursive:
             names = (e.path for e in os.scandir(folder) if e.is_file())
         else:

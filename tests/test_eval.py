@@ -209,7 +209,7 @@ def test_folder_images_must_share_one_size(tmp_path):
     with pytest.raises(ValueError, match="z.png is 12x8 but .*000.png is 16x16: samples for FID must all have one size"):
         ds[2]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .png/.jpg/.jpeg images under"):
+    with pytest.raises(FileNotFoundError, match="no .jpg/.jpeg/.png/.webp/.bmp images under"):
         ev.open_images(str(tmp_path / "empty"))
 
 
