@@ -1,15 +1,19 @@
-"""Evaluation for SVG (arXiv 2510.15301, Sec. 4.1, Tables 1-4, App. B).
+"""Evaluation for SVG (arXiv 2510.15301, Sec. 4.1, Tables 1-4, App. B; Figs. 4a, 10-12, Apps. E, G).
 
     torchrun --nproc_per_node=8 eval.py fid --samples samples.npz \
         --ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
     torchrun --nproc_per_node=8 eval.py recon --ae ae.pt --data /imagenet/val \
         --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth --inception pt_inception-2015-12-05-6726825d.pth
     torchrun --nproc_per_node=8 eval.py probe --ae ae.pt --data /imagenet/train --val-data /imagenet/val
+    python eval.py pca --ae ae.pt --data /imagenet/val                      # Fig. 11-12, App. G
+    python eval.py pca-sit --ckpt dit.pt --classes 207 360 387 974          # Fig. 11-12, App. G
+    python eval.py tsne --ae ae.pt --data /imagenet/val  # Fig. 4a / 10, App. E; titles from ae.pt.probe.json
     python eval.py bench-fid
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
 extraction -> metrics (Frechet distance, Inception Score, precision/recall, PSNR, SSIM)
--> reference statistics -> reconstruction evaluation -> linear probe -> CLI.
+-> reference statistics -> reconstruction evaluation -> linear probe -> feature-space
+pictures (PCA maps, t-SNE) -> CLI.
 
 Conventions, stated once here:
 - The Inception network is pytorch-fid's port of the 2015 TensorFlow FID graph
@@ -679,6 +683,169 @@ def probe_autoencoder(ae, train_set, val_set, dist, epochs=30, batch_size=3072, 
 
 
 # ----------------------------------------------------------------------------------
+# Feature-space pictures: PCA feature maps (Fig. 11-12, App. G), t-SNE (Fig. 4a, Fig. 10, App. E)
+# ----------------------------------------------------------------------------------
+PCA_COMPONENTS = 3  # one per RGB channel (DINOv3's feature-map pictures)
+PCA_QUANTILE = 0.01  # robust per-component min-max: the 1% / 99% quantiles map to 0 / 1
+TSNE_PANEL_INCHES, TSNE_DPI = 4, 100  # each t-SNE panel is 400 x 400 px
+TSNE_SPACES = ("svg", "dino")  # the feature spaces `eval.py probe` scores (keys of its json)
+
+
+def pca_project(tokens, k=PCA_COMPONENTS):
+    """Fig. 11-12 (App. G): tokens [N, C] -> scores [N, k] on their first k principal components.
+
+    Centre over all N tokens, take the top-k right singular vectors of the centred matrix
+    (float64 SVD), and project. Returns (scores [N, k] float32, variances [k], components
+    [k, C]); each component's sign is fixed so that its largest loading is positive.
+    """
+    N, C = tokens.shape  # tokens (all patches of all images), channels
+    if N < 2 or min(N, C) < k:
+        raise ValueError(f"PCA with {k} components needs at least {k} channels and tokens, got [N={N}, C={C}]")
+    x = tokens.double()
+    x = x - x.mean(0)  # [N, C], centred
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)  # vh [min(N, C), C], rows by decreasing s
+    components = vh[:k]  # [k, C]
+    components = components * components.gather(1, components.abs().argmax(1, keepdim=True)).sign()
+    return (x @ components.T).float(), s[:k] ** 2 / (N - 1), components  # [N, k], [k], [k, C]
+
+
+def pca_rgb(feature_maps, k=PCA_COMPONENTS, quantile=PCA_QUANTILE):
+    """Feature maps [B, C, h, w] -> RGB [B, 3, h, w] in [0, 1]: PCA fitted over all B h w patches.
+
+    Each component is scaled on its own, robustly: its `quantile` and 1 - `quantile` over
+    the whole set map to 0 and 1 (clamped), so one colour means the same in every image.
+    """
+    B, C, h, w = feature_maps.shape  # images, channels, grid
+    scores, _, _ = pca_project(feature_maps.permute(0, 2, 3, 1).reshape(-1, C), k)  # [B h w, k]
+    lo, hi = torch.quantile(scores, torch.tensor([quantile, 1 - quantile]), dim=0)  # [k] each
+    rgb = ((scores - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)  # [B h w, k]
+    return rgb.reshape(B, h, w, k).permute(0, 3, 1, 2)  # [B, k, h, w]
+
+
+def feature_spaces(ae, z):
+    """The named spaces of an SVG feature map z [B, C, h, w]: "svg" (all C), "dino" (F_D), "residual" (F_R-hat)."""
+    dino_dim = ae.dino.embed_dim
+    spaces = {"svg": z, "dino": z[:, :dino_dim]}  # DINO channels first (svg.py conventions)
+    if z.shape[1] > dino_dim:
+        spaces["residual"] = z[:, dino_dim:]  # [B, 8, h, w]
+    else:
+        del spaces["svg"]  # a DINO-only autoencoder: "svg" would repeat "dino"
+    return spaces
+
+
+def spread_subset(dataset, num):
+    """`num` items evenly spread over a dataset (class folders are sorted, so this spans classes)."""
+    return torch.utils.data.Subset(dataset, np.linspace(0, len(dataset) - 1, min(num, len(dataset))).round().astype(int))
+
+
+def pca_panel(rgb, size):
+    """PCA colours [B, 3, h, w] in [0, 1] -> [B, 3, size, size] in [-1, 1] (nearest: one block per patch)."""
+    return F.interpolate(rgb, size=(size, size), mode="nearest") * 2 - 1
+
+
+@torch.no_grad()
+def pca_feature_maps(ae, images, spaces, precision="fp32"):
+    """Fig. 11-12 (App. G): images [B, 3, H, W] -> one PNG row per image: the image, then the PCA RGB of each space."""
+    with svg.autocast(precision, images.device):
+        z = ae.encode(images).float()  # [B, C, h, w]
+    available = feature_spaces(ae, z)
+    missing = [s for s in spaces if s not in available]
+    if missing:
+        raise ValueError(f"feature spaces {missing} do not exist for this autoencoder (it has {list(available)})")
+    columns = [images.clamp(-1, 1).cpu()] + [pca_panel(pca_rgb(available[s]), images.shape[-1]).cpu() for s in spaces]
+    return [torch.stack(row) for row in zip(*columns)]  # B rows of [1 + len(spaces), 3, H, W]
+
+
+@torch.no_grad()
+def sit_hidden_states(model, noise, y, steps, block, shift=svg.SAMPLE_TIME_SHIFT, cfg_scale=1.0, null_class=None):
+    """Sample with the Euler ODE and record block `block`'s output tokens at every step (Fig. 11-12).
+
+    A forward hook keeps the conditional half of each call (CFG doubles the batch).
+    Returns (x_0 [B, C, h, w], times [steps], hidden states [steps, B, N, D]).
+    """
+    B = noise.shape[0]  # batch
+    states = []
+    hook = model.blocks[block].register_forward_hook(lambda module, args, out: states.append(out[:B].float().cpu()))
+    try:
+        x0 = svg.sample_ode(model, noise, y, steps, shift=shift, cfg_scale=cfg_scale,
+                            null_class=model.cfg.num_classes if null_class is None else null_class)
+    finally:
+        hook.remove()
+    return x0, svg.ode_time_grid(steps, shift)[:steps], torch.stack(states)  # Euler: one call per step
+
+
+def require_viz():
+    """t-SNE needs the optional extra `viz` (scikit-learn, matplotlib): a clear error before any work."""
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn.manifold  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"eval.py tsne needs scikit-learn and matplotlib ({e}): pip install -e '.[viz]' "
+                          "(or pip install scikit-learn matplotlib)") from e
+
+
+def tsne_embed(features, perplexity=30.0, seed=0):
+    """2-D t-SNE (van der Maaten & Hinton 2008) of features [N, D] with scikit-learn (optional extra `viz`)."""
+    from sklearn.manifold import TSNE  # optional extra `viz`, checked by require_viz
+
+    perplexity = min(perplexity, (len(features) - 1) / 3)  # sklearn requires perplexity < N
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(features.double().cpu().numpy())  # [N, 2]
+
+
+def dataset_labels(dataset):
+    """Class label of every item without loading images (svg.ImageFolder / svg.SyntheticImages)."""
+    if hasattr(dataset, "samples"):
+        return [label for _, label in dataset.samples]
+    return [i % dataset.num_classes for i in range(len(dataset))]
+
+
+def class_subset(dataset, num_classes, per_class, seed=0):
+    """Fig. 4a / 10: `num_classes` random classes x `per_class` random images each (paper: 100 x 100, 20 x 100)."""
+    labels = torch.tensor(dataset_labels(dataset))
+    g = torch.Generator().manual_seed(seed)
+    present = labels.unique()
+    if num_classes > len(present):
+        raise ValueError(f"asked for {num_classes} classes but the data has {len(present)}")
+    chosen = present[torch.randperm(len(present), generator=g)[:num_classes]].sort().values
+    indices = []
+    for c in chosen.tolist():
+        members = (labels == c).nonzero().flatten()
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} images, fewer than --per-class {per_class}")
+        indices += members[torch.randperm(len(members), generator=g)[:per_class]].sort().values.tolist()
+    return torch.utils.data.Subset(dataset, indices)
+
+
+def space_title(cfg, space):
+    """Panel name of a feature space: SVG / SVG w/o alignment (Table 4 row 2) / DINO-only / DINO layer k (Table 6)."""
+    if space == "dino":
+        return "DINO-only" if cfg.dino_layer is None else f"DINO layer {cfg.dino_layer}"
+    name = "SVG" if cfg.align != "none" else "SVG w/o alignment"
+    return name if cfg.dino_layer is None else f"{name} (DINO layer {cfg.dino_layer})"
+
+
+def plot_tsne(panels, labels, path):
+    """One row of t-SNE scatter panels, each class a colour; panels = [(title, points [N, 2])]."""
+    from matplotlib.figure import Figure  # optional extra `viz`; no pyplot global state
+
+    _, colour = np.unique(np.asarray(labels), return_inverse=True)  # class ids -> 0..K-1
+    num_classes = int(colour.max()) + 1
+    cmap = "tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"
+    fig = Figure(figsize=(TSNE_PANEL_INCHES * len(panels), TSNE_PANEL_INCHES), dpi=TSNE_DPI)
+    for i, (title, points) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=cmap, vmin=0, vmax=max(num_classes - 1, 1), s=4,
+                   linewidths=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=TSNE_DPI)  # exactly (4 x panels) x 4 inches at 100 dpi
+
+
+# ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
 def network_note(inception):
@@ -777,6 +944,110 @@ def run_probe(args, dist):
     write_results(r, lines, args.out or args.ae + ".probe.json", dist)
 
 
+def single_process(command, dist):
+    if dist.world_size > 1:
+        raise ValueError(f"`eval.py {command}` runs in one process: start it with `python eval.py {command} ...`")
+
+
+def run_pca(args, dist):
+    """Fig. 11-12 (App. G): PCA feature maps of the chosen spaces of a stage-1 autoencoder, as one PNG."""
+    single_process("pca", dist)
+    ae = svg.load_autoencoder(args.ae).to(dist.device)
+    image_size = args.image_size or ae.cfg.image_size
+    dataset = spread_subset(svg.build_dataset(args.data, image_size, on_error="raise"), args.num_images)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(dist.device)  # [B, 3, H, W]
+    rows = pca_feature_maps(ae, images, args.spaces, args.precision)
+    out = args.out or args.ae + ".pca.png"
+    svg.save_image_grid(rows, out)
+    print(f"PCA feature maps (first {PCA_COMPONENTS} components as RGB, fitted over all {len(images)} x "
+          f"{(image_size // svg.PATCH_SIZE) ** 2} patches per space, {PCA_QUANTILE:.0%}/{1 - PCA_QUANTILE:.0%} "
+          f"quantile scaling): columns image, {', '.join(args.spaces)}; wrote {out}")
+
+
+def run_pca_sit(args, dist):
+    """Fig. 11-12 (App. G): PCA of a SiT block's hidden states at several t along an Euler sampling trajectory."""
+    single_process("pca-sit", dist)
+    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats)  # EMA SiT, frozen
+    model, ae = model.to(dist.device), ae.to(dist.device)
+    cfg, depth = model.cfg, len(model.blocks)
+    block = depth // 2 if args.block is None else args.block
+    if not 0 <= block < depth:
+        raise ValueError(f"--block {block} is out of range: this SiT has blocks 0..{depth - 1}")
+    bad = [c for c in args.classes if not 0 <= c < cfg.num_classes]
+    if bad:
+        raise ValueError(f"class ids {bad} are outside [0, {cfg.num_classes}) for this checkpoint")
+    y = torch.tensor(args.classes, device=dist.device)  # [B]
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)  # [B, C, h, w]
+    with svg.autocast(args.precision, dist.device):
+        x0, times, states = sit_hidden_states(model, noise.to(dist.device), y, args.steps, block, args.shift,
+                                              args.cfg_scale)  # states [steps, B, N, D]
+        images = ae.decode(svg.denormalize_features(x0.float(), stats)).float().clamp(-1, 1).cpu()  # [B, 3, H, W]
+    picks = [min(range(args.steps), key=lambda i: abs(times[i] - t)) for t in args.times]  # nearest evaluated t
+    B, h = len(y), cfg.input_size
+    columns = [pca_panel(pca_rgb(states[i].transpose(1, 2).reshape(B, -1, h, h)), images.shape[-1])  # [B, 3, H, W]
+               for i in picks]  # one PCA per t, fitted over the B h w tokens at that t
+    out = args.out or args.ckpt + ".pca-sit.png"
+    svg.save_image_grid([torch.stack(row) for row in zip(*columns, images)], out)
+    shown = ", ".join(f"{times[i]:.3f}" for i in picks)
+    print(f"SiT block {block} hidden states, PCA per t over {B} x {h * h} tokens; columns t = {shown}, then the "
+          f"sample ({args.steps} Euler steps, cfg {args.cfg_scale}); wrote {out}")
+
+
+def run_tsne(args, dist):
+    """Fig. 4a / Fig. 10 (App. E): t-SNE of pooled features, one panel per space, titled with its probe top-1."""
+    require_viz()
+    probe_files = args.probe or [path + ".probe.json" for path in args.ae]  # where `eval.py probe` writes
+    if len(probe_files) != len(args.ae):
+        raise ValueError(f"--probe needs one json per --ae: got {len(probe_files)} for {len(args.ae)}")
+    panels, titles, labels = [], set(), None
+    for path, probe_file in zip(args.ae, probe_files):
+        ae = svg.load_autoencoder(path).to(dist.device)
+        image_size = args.image_size or ae.cfg.image_size
+        dataset = svg.build_dataset(args.data, image_size, on_error="raise")  # as `eval.py probe`
+        subset = class_subset(dataset, args.num_classes, args.per_class, args.seed)
+        feats, labels = pooled_features(ae, subset, dist, args.feature_batch_size, args.num_workers,
+                                        args.precision)  # [N, C], [N]: the probe's pooling
+        probe = None
+        if os.path.isfile(probe_file):
+            with open(probe_file) as f:
+                probe = json.load(f)
+        dino_dim = ae.dino.embed_dim
+        for space in args.spaces:
+            channels = dino_dim if space == "dino" else feats.shape[1]
+            title = space_title(ae.cfg, space)
+            if (space == "svg" and channels == dino_dim) or title in titles:
+                continue  # a DINO-only autoencoder's "svg" is its "dino"; one panel per distinct space
+            titles.add(title)
+            top1 = None
+            if probe is not None:
+                if probe.get(space, {}).get("channels") != channels:
+                    raise ValueError(f"{probe_file} has no {channels}-channel '{space}' probe: it was written for "
+                                     f"another autoencoder than {path}; rerun `eval.py probe --ae {path}`")
+                top1 = probe[space]["top1"]
+            panels.append(dict(space=space, title=title, top1=top1, autoencoder=path, probe=probe_file,
+                               features=feats[:, :channels]))
+    if not dist.is_main:
+        return
+    labels = labels.cpu().numpy()
+    plotted = []
+    for p in panels:
+        label = f"top-1 {p['top1']:.2f}%" if p["top1"] is not None else "no probe json"
+        plotted.append((f"{p['title']}: {label}", tsne_embed(p.pop("features"), args.perplexity, args.seed)))
+        p["panel_title"] = plotted[-1][0]
+    out = args.out or args.ae[0] + ".tsne.png"
+    plot_tsne(plotted, labels, out)
+    n = len(labels)
+    lines = [f"t-SNE panel '{p['panel_title']}' ({p['autoencoder']})" for p in panels]
+    lines += [f"{args.num_classes} classes x {args.per_class} images = {n} points per panel, spatial-mean "
+              f"pooled features; wrote {out}"]
+    lines += [f"no probe json for {p['autoencoder']}: run `eval.py probe --ae {p['autoencoder']}` first to title "
+              f"the panel with its linear-probe top-1" for p in panels if p["top1"] is None]
+    results = dict(panels=panels, num_classes=args.num_classes, per_class=args.per_class, num_points=n,
+                   data=args.data, png=out, perplexity=args.perplexity, seed=args.seed)
+    write_results(results, lines, os.path.splitext(out)[0] + ".json", dist)
+
+
 def run_bench_fid(args):
     """Time the FID statistics and the matrix square root step (eigh form vs scipy sqrtm)."""
     rng = np.random.default_rng(args.seed)
@@ -837,6 +1108,45 @@ def main():
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
     p.add_argument("--seed", type=int, default=0)
 
+    p = common(sub.add_parser("pca", help="Fig. 11-12 (App. G): PCA feature maps of SVG / DINO / residual as RGB"))
+    p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
+    p.add_argument("--data", required=True, help="image folder, or 'synthetic'")
+    p.add_argument("--num-images", type=int, default=8, help="images, evenly spread over the data; one row each")
+    p.add_argument("--spaces", nargs="+", choices=("svg", "dino", "residual"), default=["svg", "dino", "residual"],
+                   help="columns after the image: SVG (392 ch), DINO-only (384), residual-only (8)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's image_size")
+    p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
+
+    p = common(sub.add_parser("pca-sit", help="Fig. 11-12 (App. G): PCA of SiT hidden states along sampling"))
+    p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (train_dit.py, or the official SVG-XL .pt)")
+    p.add_argument("--ae", default=None, help="official SVG-XL only: its autoencoder .ckpt (HF howlin/SVG)")
+    p.add_argument("--stats", default=None, help="official SVG-XL only: dinov3_sp_stats.pt (shiml20/SVG)")
+    p.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974], help="one row per class id")
+    p.add_argument("--block", type=int, default=None, help="0-based SiT block whose output is shown (default: middle)")
+    p.add_argument("--times", type=float, nargs="+", default=[0.9, 0.7, 0.5, 0.3, 0.1],
+                   help="columns: the evaluated step times nearest to these t (t = 1 noise, 0 data)")
+    p.add_argument("--steps", type=int, default=25, help="Euler steps (App. A: 25)")
+    p.add_argument("--shift", type=float, default=svg.SAMPLE_TIME_SHIFT, help="sampling time shift a")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance w (the conditional half is shown)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
+
+    p = common(sub.add_parser("tsne", help="Fig. 4a / 10 (App. E): t-SNE of pooled features, titled with probe top-1"))
+    p.add_argument("--ae", nargs="+", required=True,
+                   help="stage-1 checkpoints: SVG, align=none (Table 4), dino_layer=k (Table 6), ...")
+    p.add_argument("--probe", nargs="+", default=None,
+                   help="`eval.py probe` json per --ae (default: AE.probe.json, where probe writes it)")
+    p.add_argument("--data", required=True, help="labelled folder (class subfolders), or 'synthetic'")
+    p.add_argument("--num-classes", type=int, default=20, help="random classes (paper: 100 and 20)")
+    p.add_argument("--per-class", type=int, default=100, help="random images per class (paper: 100)")
+    p.add_argument("--spaces", nargs="+", choices=TSNE_SPACES, default=list(TSNE_SPACES),
+                   help="svg: all channels; dino: the first 384 (DINO-only)")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's image_size")
+    p.add_argument("--feature-batch-size", type=int, default=64, help="images per encoder batch per rank")
+    p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("bench-fid", help="time the FID statistics and matrix square root on random features")
     p.add_argument("--num", type=int, default=50000, help="feature vectors per set")
     p.add_argument("--dim", type=int, default=2048)
@@ -846,8 +1156,9 @@ def main():
     if args.command == "bench-fid":
         return run_bench_fid(args)
     dist = svg.init_distributed()
-    svg.setup_precision(args.precision if args.command in ("recon", "probe") else "fp32")  # fid: exact fp32
-    {"fid": run_fid, "recon": run_recon, "probe": run_probe}[args.command](args, dist)
+    svg.setup_precision("fp32" if args.command == "fid" else args.precision)  # fid: exact fp32
+    {"fid": run_fid, "recon": run_recon, "probe": run_probe, "pca": run_pca, "pca-sit": run_pca_sit,
+     "tsne": run_tsne}[args.command](args, dist)
     dist.close()
 
 
