@@ -757,21 +757,27 @@ def pca_feature_maps(ae, images, spaces, precision="fp32"):
 
 
 @torch.no_grad()
-def sit_hidden_states(model, noise, y, steps, block, shift=svg.SAMPLE_TIME_SHIFT, cfg_scale=1.0, null_class=None):
-    """Sample with the Euler ODE and record block `block`'s output tokens at every step (Fig. 11-12).
+def sit_hidden_states(model, noise, y, steps, block, keep, shift=svg.SAMPLE_TIME_SHIFT, cfg_scale=1.0):
+    """Sample with the Euler ODE and record block `block`'s output tokens at the steps in `keep` (Fig. 11-12).
 
-    A forward hook keeps the conditional half of each call (CFG doubles the batch).
-    Returns (x_0 [B, C, h, w], times [steps], hidden states [steps, B, N, D]).
+    Step i evaluates the SiT once, at t_i of svg.ode_time_grid. A forward hook keeps the
+    conditional half of the batch (CFG doubles it). Returns (x_0 [B, C, h, w], hidden
+    states [len(keep), B, N, D] in the order of `keep`).
     """
     B = noise.shape[0]  # batch
-    states = []
-    hook = model.blocks[block].register_forward_hook(lambda module, args, out: states.append(out[:B].float().cpu()))
+    calls, states = [0], {}
+
+    def record(module, args, out):
+        if calls[0] in keep:
+            states[calls[0]] = out[:B].float().cpu()  # [B, N, D]
+        calls[0] += 1
+
+    hook = model.blocks[block].register_forward_hook(record)
     try:
-        x0 = svg.sample_ode(model, noise, y, steps, shift=shift, cfg_scale=cfg_scale,
-                            null_class=model.cfg.num_classes if null_class is None else null_class)
+        x0 = svg.sample_ode(model, noise, y, steps, shift=shift, cfg_scale=cfg_scale, null_class=model.cfg.num_classes)
     finally:
         hook.remove()
-    return x0, svg.ode_time_grid(steps, shift)[:steps], torch.stack(states)  # Euler: one call per step
+    return x0, torch.stack([states[i] for i in keep])  # [len(keep), B, N, D]
 
 
 def require_viz():
@@ -827,16 +833,19 @@ def space_title(cfg, space):
 
 def plot_tsne(panels, labels, path):
     """One row of t-SNE scatter panels, each class a colour; panels = [(title, points [N, 2])]."""
-    from matplotlib.figure import Figure  # optional extra `viz`; no pyplot global state
+    import matplotlib  # optional extra `viz`
+    from matplotlib.figure import Figure  # no pyplot global state
 
     _, colour = np.unique(np.asarray(labels), return_inverse=True)  # class ids -> 0..K-1
     num_classes = int(colour.max()) + 1
-    cmap = "tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"
+    if num_classes <= 20:  # qualitative palettes, one entry per class
+        colours = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"](colour)  # [N, 4]
+    else:  # paper: 100 classes
+        colours = matplotlib.colormaps["turbo"](colour / (num_classes - 1))  # [N, 4]
     fig = Figure(figsize=(TSNE_PANEL_INCHES * len(panels), TSNE_PANEL_INCHES), dpi=TSNE_DPI)
     for i, (title, points) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.scatter(points[:, 0], points[:, 1], c=colour, cmap=cmap, vmin=0, vmax=max(num_classes - 1, 1), s=4,
-                   linewidths=0)
+        ax.scatter(points[:, 0], points[:, 1], c=colours, s=4, linewidths=0)
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -979,14 +988,15 @@ def run_pca_sit(args, dist):
     y = torch.tensor(args.classes, device=dist.device)  # [B]
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(len(y), cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)  # [B, C, h, w]
-    with svg.autocast(args.precision, dist.device):
-        x0, times, states = sit_hidden_states(model, noise.to(dist.device), y, args.steps, block, args.shift,
-                                              args.cfg_scale)  # states [steps, B, N, D]
-        images = ae.decode(svg.denormalize_features(x0.float(), stats)).float().clamp(-1, 1).cpu()  # [B, 3, H, W]
+    times = svg.ode_time_grid(args.steps, args.shift)[:args.steps]  # t of each evaluation
     picks = [min(range(args.steps), key=lambda i: abs(times[i] - t)) for t in args.times]  # nearest evaluated t
+    with svg.autocast(args.precision, dist.device):
+        x0, states = sit_hidden_states(model, noise.to(dist.device), y, args.steps, block, picks, args.shift,
+                                       args.cfg_scale)  # states [len(picks), B, N, D]
+        images = ae.decode(svg.denormalize_features(x0.float(), stats)).float().clamp(-1, 1).cpu()  # [B, 3, H, W]
     B, h = len(y), cfg.input_size
-    columns = [pca_panel(pca_rgb(states[i].transpose(1, 2).reshape(B, -1, h, h)), images.shape[-1])  # [B, 3, H, W]
-               for i in picks]  # one PCA per t, fitted over the B h w tokens at that t
+    columns = [pca_panel(pca_rgb(s.transpose(1, 2).reshape(B, -1, h, h)), images.shape[-1])  # [B, 3, H, W]
+               for s in states]  # one PCA per t, fitted over the B h w tokens at that t
     out = args.out or args.ckpt + ".pca-sit.png"
     svg.save_image_grid([torch.stack(row) for row in zip(*columns, images)], out)
     shown = ", ".join(f"{times[i]:.3f}" for i in picks)

@@ -94,8 +94,12 @@ def test_pca_sit_cli_shows_hidden_states_at_the_requested_times(tmp_path, monkey
     ckpt = tiny_stage2_checkpoint(tmp_path / "dit.pt")
     model, _, _ = svg.load_generator(ckpt)
     noise = torch.randn(2, model.cfg.in_channels, 2, 2)
-    x0, times, states = ev.sit_hidden_states(model, noise, torch.tensor([1, 2]), 6, block=1, cfg_scale=2.0)
-    assert states.shape == (6, 2, 4, model.cfg.hidden_size) and times == svg.ode_time_grid(6)[:6]
+    recorded = []
+    hook = model.blocks[1].register_forward_hook(lambda m, a, out: recorded.append(out[:2]))  # independent record
+    x0, states = ev.sit_hidden_states(model, noise, torch.tensor([1, 2]), 6, block=1, keep=[4, 0], cfg_scale=2.0)
+    hook.remove()
+    assert states.shape == (2, 2, 4, model.cfg.hidden_size) and len(recorded) == 6  # one SiT call per Euler step
+    assert torch.equal(states[0], recorded[4]) and torch.equal(states[1], recorded[0])
     assert torch.equal(x0, svg.sample_ode(model, noise, torch.tensor([1, 2]), 6, cfg_scale=2.0,
                                       null_class=model.cfg.num_classes))  # the hook changes nothing
     monkeypatch.setattr("sys.argv", ["eval.py", "pca-sit", "--ckpt", ckpt, "--classes", "1", "2", "3",
