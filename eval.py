@@ -735,7 +735,8 @@ def feature_spaces(ae, z):
 
 def spread_subset(dataset, num):
     """`num` items evenly spread over a dataset (class folders are sorted, so this spans classes)."""
-    return torch.utils.data.Subset(dataset, np.linspace(0, len(dataset) - 1, min(num, len(dataset))).round().astype(int))
+    indices = np.linspace(0, len(dataset) - 1, min(num, len(dataset))).round().astype(int)
+    return torch.utils.data.Subset(dataset, indices.tolist())
 
 
 def pca_panel(rgb, size):
@@ -1118,7 +1119,8 @@ def main():
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
     p.add_argument("--seed", type=int, default=0)
 
-    p = common(sub.add_parser("pca", help="Fig. 11-12 (App. G): PCA feature maps of SVG / DINO / residual as RGB"))
+    p = sub.add_parser("pca", help="Fig. 11-12 (App. G): PCA feature maps of SVG / DINO / residual as RGB")
+    p.add_argument("--out", default=None, help="output PNG (default: AE.pca.png)")
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
     p.add_argument("--data", required=True, help="image folder, or 'synthetic'")
     p.add_argument("--num-images", type=int, default=8, help="images, evenly spread over the data; one row each")
@@ -1127,7 +1129,8 @@ def main():
     p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's image_size")
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
 
-    p = common(sub.add_parser("pca-sit", help="Fig. 11-12 (App. G): PCA of SiT hidden states along sampling"))
+    p = sub.add_parser("pca-sit", help="Fig. 11-12 (App. G): PCA of SiT hidden states along sampling")
+    p.add_argument("--out", default=None, help="output PNG (default: CKPT.pca-sit.png)")
     p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (train_dit.py, or the official SVG-XL .pt)")
     p.add_argument("--ae", default=None, help="official SVG-XL only: its autoencoder .ckpt (HF howlin/SVG)")
     p.add_argument("--stats", default=None, help="official SVG-XL only: dinov3_sp_stats.pt (shiml20/SVG)")
@@ -1141,7 +1144,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
 
-    p = common(sub.add_parser("tsne", help="Fig. 4a / 10 (App. E): t-SNE of pooled features, titled with probe top-1"))
+    p = sub.add_parser("tsne", help="Fig. 4a / 10 (App. E): t-SNE of pooled features, titled with probe top-1")
+    p.add_argument("--out", default=None, help="output PNG (default: first AE.tsne.png); titles and top-1 in .json")
+    p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--ae", nargs="+", required=True,
                    help="stage-1 checkpoints: SVG, align=none (Table 4), dino_layer=k (Table 6), ...")
     p.add_argument("--probe", nargs="+", default=None,
