@@ -267,7 +267,7 @@ def load_inception(path=None):
                 f"FID Inception weights not found at {path}. Download {INCEPTION_URL} "
                 f"and pass the file with --inception /path/to/{INCEPTION_FILE}"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = svg.load_checkpoint(path, "FID Inception weights")  # weights only; errors name the file
         source = path
     model = FIDInceptionV3()
     expected = model.state_dict()

@@ -146,7 +146,7 @@ def merge_shards(out_dir, num_shards, settings):
     """Shards in index order -> samples.npz (arr_0 uint8 NHWC + labels), written atomically."""
     images, labels = [], []
     for k in range(num_shards):
-        shard = torch.load(shard_path(out_dir, k), map_location="cpu", weights_only=True)
+        shard = svg.load_checkpoint(shard_path(out_dir, k), "export shard")
         assert shard["start"] == k * settings["shard_size"], f"{shard_path(out_dir, k)} is out of place"
         images.append(shard["images"].numpy())
         labels.append(shard["labels"].numpy())

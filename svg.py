@@ -2154,6 +2154,25 @@ def claim_output(out, resume, overwrite, log):
     return lock
 
 
+def resume_lr(args, optimizers, log):
+    """After an optimizer state is loaded on resume: an explicit --lr replaces the checkpoint's in
+    every param group; without one (args.preset_defaults, apply_preset) the checkpoint's lr goes
+    on. Either way args.lr then records the lr in use."""
+    old = optimizers[0].param_groups[0]["lr"]
+    if "lr" in args.preset_defaults:
+        args.lr = old
+    elif args.lr != old:
+        log(f"--lr {args.lr} replaces the checkpoint's lr {old}")
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = args.lr
+
+
+def skipped_note(dataset):
+    """' | N unreadable images skipped so far' for a log line once an ImageFolder skipped any, else ''."""
+    skipped = getattr(dataset, "num_skipped", 0)
+    return f" | {skipped} unreadable images skipped so far (rank 0)" if skipped else ""
+
+
 def resume_checkpoint(resume, out, log, what="checkpoint", trust_pickle=False):
     """(path, checkpoint dict) to resume from, or (None, None) for a fresh run.
 

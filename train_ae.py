@@ -38,7 +38,7 @@ from svg import (
     SVGAutoencoder, adaptive_weight, align_residual, apply_preset, atomic_save, autocast, build_dataset,
     claim_output, gan_active, generator_loss, hinge_d_loss, init_distributed, load_dinov3, load_lpips,
     load_strict, nonfinite_tensors, positive_float, positive_int, psnr, reconstruction_loss, resume_checkpoint,
-    rng_state, save_image_grid, set_rng_state, set_seed, setup_precision, ssim,
+    resume_lr, rng_state, save_image_grid, set_rng_state, set_seed, setup_precision, skipped_note, ssim,
 )
 
 # Defaults per preset; any flag given on the command line wins.
@@ -207,7 +207,6 @@ def main(argv=None):
     # ---- output dir and logger (rank 0 only)
     if dist.is_main:
         os.makedirs(args.out, exist_ok=True)
-        lock = claim_output(args.out, args.resume, args.overwrite, tqdm.write)  # refuses a used --out
         log_file = open(os.path.join(args.out, "log.txt"), "a")
 
     def log(msg):
@@ -215,6 +214,8 @@ def main(argv=None):
             tqdm.write(msg)
             log_file.write(msg + "\n")
             log_file.flush()
+
+    lock = claim_output(args.out, args.resume, args.overwrite, log) if dist.is_main else None  # used --out?
 
     log(f"train_ae: {dist.world_size} process(es) on {device}, global batch {args.global_batch} "
         f"({batch} per rank), {args.precision}, args {vars(args)}")
@@ -278,12 +279,7 @@ def main(argv=None):
         load_strict(disc, ckpt["disc"], f"the discriminator of {resume}")
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_disc.load_state_dict(ckpt["opt_disc"])
-        if "lr" in args.preset_defaults:  # no --lr given: continue with the checkpoint's
-            args.lr = opt_ae.param_groups[0]["lr"]
-        elif args.lr != opt_ae.param_groups[0]["lr"]:
-            log(f"--lr {args.lr} replaces the checkpoint's lr {opt_ae.param_groups[0]['lr']}")
-            for group in opt_ae.param_groups + opt_disc.param_groups:
-                group["lr"] = args.lr
+        resume_lr(args, [opt_ae, opt_disc], log)  # an explicit --lr takes effect, else the checkpoint's
         sampler.load_state_dict(ckpt["sampler"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == dist.world_size:
@@ -386,10 +382,9 @@ def main(argv=None):
                 history.append(rec)
                 ips = (step - n0) * args.global_batch / (time.time() - t0)
                 pbar.set_postfix(l1=f"{rec['l1']:.4f}", lpips=f"{rec['lpips']:.4f}", g=f"{rec['g_loss']:.3f}")
-                skipped = getattr(train_set, "num_skipped", 0)
                 log(f"step {step:7d} | nll {rec['nll']:.2f} | l1 {rec['l1']:.4f} | lpips {rec['lpips']:.4f} | "
                     f"g {rec['g_loss']:.4f} | d_weight {rec['d_weight']:.4f} | d {rec['d_loss']:.4f} | "
-                    f"{ips:.1f} img/s" + (f" | {skipped} unreadable images skipped so far (rank 0)" if skipped else ""))
+                    f"{ips:.1f} img/s" + skipped_note(train_set))
             if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
                 path = os.path.join(args.out, "samples", f"{step:07d}.png")
                 save_reconstructions(ae, eval_images[:8], path, args.precision, device)

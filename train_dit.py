@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int)
     p.add_argument("--log-every", type=svg.positive_int)
     p.add_argument("--ckpt-every", type=svg.positive_int)
-    p.add_argument("--resume", help='checkpoint path, or "auto" = the latest readable in <out>/checkpoints (fresh if none)')
+    p.add_argument("--resume", help='checkpoint path, or "auto" = the newest readable in <out>/checkpoints '
+                                    '(fresh if none)')
     p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -340,12 +341,7 @@ def main(argv=None):
         svg.load_strict(raw, ckpt["model"], resume)  # also refuses NaN / inf weights
         svg.load_strict(ema, ckpt["ema"], f"the EMA of {resume}")  # never re-initialised after resume
         opt.load_state_dict(ckpt["opt"])
-        if "lr" in args.preset_defaults:  # no --lr given: continue with the checkpoint's
-            args.lr = opt.param_groups[0]["lr"]
-        elif args.lr != opt.param_groups[0]["lr"]:
-            log(f"--lr {args.lr} replaces the checkpoint's lr {opt.param_groups[0]['lr']}")
-            for group in opt.param_groups:
-                group["lr"] = args.lr
+        svg.resume_lr(args, [opt], log)  # an explicit --lr takes effect, else the checkpoint's
         sampler.load_state_dict(ckpt["sampler"])
         svg.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
@@ -418,10 +414,9 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.steps:
             mean_loss = dist.all_reduce_mean(loss_sum).item() / window_steps
             elapsed = time.time() - window_start
-            skipped = getattr(images, "num_skipped", 0) if args.cache is None else 0
             log(f"step {step:7d} | loss {mean_loss:.4f} | {window_steps / elapsed:.2f} steps/s | "
                 f"{window_steps * local_batch / elapsed:.1f} img/s per process"
-                + (f" | {skipped} unreadable images skipped so far (rank 0)" if skipped else ""))
+                + (svg.skipped_note(images) if args.cache is None else ""))
             loss_sum.zero_()
             window_start, window_steps = time.time(), 0
         if step % args.ckpt_every == 0 or step == args.steps:

@@ -23,7 +23,7 @@ import sample
 import svg
 import train_ae
 import train_dit
-from test_eval import TinyInception, tiny_ae_checkpoint, write_pngs
+from test_eval import TinyInception, write_pngs
 from test_sample import EXPORT, tiny_stage2_checkpoint
 from test_train_ae import TINY as AE_TINY
 from test_sit import official_state_dict
