@@ -133,8 +133,11 @@ def load_checkpoint(path, what="checkpoint", trust_pickle=False):
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if unsafe:
-            raise ValueError(f"{what} {path!r} refers to the Python object {unsafe.group(1)}, which a weights-only "
-                             "load refuses (unpickling it could run code). If you trust the file, pass "
+            with contextlib.suppress(Exception):  # every object the file needs, not only the first
+                unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or unsafe
+            raise ValueError(f"{what} {path!r} refers to the Python object(s) "
+                             f"{unsafe if isinstance(unsafe, str) else unsafe.group(1)}, which a weights-only "
+                             "load refuses (unpickling them could run code). If you trust the file, pass "
                              "--trust-pickle (trust_pickle=True)") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"cannot read {what} {path!r}: truncated, corrupt or not a PyTorch file ({reason}); "
@@ -2131,17 +2134,17 @@ class RunLock:
         self.file.close()  # closing drops the flock
 
 
-def claim_output(out, resume, overwrite, log):
-    """Lock <out> (RunLock) for this run and clean up after killed saves. A fresh run (resume is
-    None) into a folder holding another run's checkpoints is refused, since same-step files
-    would be replaced and `--resume auto` would then mix the two runs; overwrite=True deletes
-    those checkpoints first. Returns the lock (call .release() at the end)."""
+def claim_output(out, fresh, overwrite, log):
+    """Lock <out> (RunLock) for this run and clean up after killed saves. A fresh run (one that
+    writes checkpoints without resuming) into a folder holding another run's checkpoints is
+    refused, since same-step files would be replaced and `--resume auto` would then mix the two
+    runs; overwrite=True deletes those checkpoints first. Returns the lock (.release() at the end)."""
     lock = RunLock(out)
     folder = os.path.join(out, "checkpoints")
     for path in remove_stale_tmp(folder):
         log(f"removed {path}: a partial checkpoint of a killed save")
     old = sorted(glob.glob(os.path.join(glob.escape(folder), CHECKPOINT_GLOB)))
-    if old and resume is None:
+    if old and fresh:
         if not overwrite:
             lock.release()
             raise FileExistsError(

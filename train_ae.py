@@ -215,7 +215,7 @@ def main(argv=None):
             log_file.write(msg + "\n")
             log_file.flush()
 
-    lock = claim_output(args.out, args.resume, args.overwrite, log) if dist.is_main else None  # used --out?
+    lock = claim_output(args.out, args.resume is None, args.overwrite, log) if dist.is_main else None  # used --out
 
     log(f"train_ae: {dist.world_size} process(es) on {device}, global batch {args.global_batch} "
         f"({batch} per rank), {args.precision}, args {vars(args)}")

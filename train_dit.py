@@ -261,7 +261,8 @@ def main(argv=None):
             with open(os.path.join(args.out, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
-    lock = svg.claim_output(args.out, args.resume, args.overwrite, log) if dist.is_main else None  # used --out?
+    fresh = args.resume is None and not args.extract  # --extract writes no checkpoints
+    lock = svg.claim_output(args.out, fresh, args.overwrite, log) if dist.is_main else None  # refuses a used --out
 
     log(f"train_dit.py {json.dumps(vars(args))} | {dist.world_size} process(es) on {device}")
     resume, ckpt = svg.resume_checkpoint(args.resume, args.out, log, "--resume checkpoint", args.trust_pickle)

@@ -94,7 +94,7 @@ def test_loading_a_crafted_pickle_runs_no_code(ae_path, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"ae_config": {}, "ae": {}, "step": 3, "x": Payload(marker)}, evil)
-    refused = r"refers to the Python object io.open.*--trust-pickle"
+    refused = r"refers to the Python object\(s\) io.open.*--trust-pickle"
     with pytest.raises(ValueError, match=refused):
         svg.load_autoencoder(str(evil))
     with pytest.raises(ValueError, match=refused):
