@@ -45,8 +45,8 @@ import random
 import re
 import socket
 import tempfile
-import zipfile
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -131,12 +131,12 @@ def load_checkpoint(path, what="checkpoint", trust_pickle=False):
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            names = found.group(1)
             with contextlib.suppress(Exception):  # every object the file needs, not only the first
-                unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or unsafe
-            raise ValueError(f"{what} {path!r} refers to the Python object(s) "
-                             f"{unsafe if isinstance(unsafe, str) else unsafe.group(1)}, which a weights-only "
+                names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or names
+            raise ValueError(f"{what} {path!r} refers to the Python object(s) {names}, which a weights-only "
                              "load refuses (unpickling them could run code). If you trust the file, pass "
                              "--trust-pickle (trust_pickle=True)") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
