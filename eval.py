@@ -271,7 +271,7 @@ def load_inception(path=None):
                 f"FID Inception weights not found at {path}. Download {INCEPTION_URL} "
                 f"and pass the file with --inception /path/to/{INCEPTION_FILE}"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = svg.load_checkpoint(path, "FID Inception weights")  # weights only; errors name the file
         source = path
     model = FIDInceptionV3()
     expected = model.state_dict()
@@ -358,11 +358,11 @@ class FolderImages(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            if im.size != self.size:
-                raise ValueError(f"{self.files[i]} is {im.size[0]}x{im.size[1]} but {self.files[0]} is "
-                                 f"{self.size[0]}x{self.size[1]}: samples for FID must all have one size")
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)  # [3, H, W] uint8
+        im = svg.open_image(self.files[i])  # 8-bit RGB whatever the file's mode; errors name the file
+        if im.size != self.size:
+            raise ValueError(f"{self.files[i]} is {im.size[0]}x{im.size[1]} but {self.files[0]} is "
+                             f"{self.size[0]}x{self.size[1]}: samples for FID must all have one size")
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # [3, H, W] uint8
 
 
 def open_images(path):
@@ -555,14 +555,35 @@ def cached_features(path, inception, dist, batch_size, num_workers):
         return np.load(cache)["pool3"], cache
     pool3, _ = inception_features(open_images(path), inception, dist, batch_size, num_workers, desc=f"reference {path}")
     if dist.is_main:
-        try:
-            tmp = cache + ".tmp.npz"
-            np.savez(tmp, pool3=pool3.numpy(), key=np.array(key))
-            os.replace(tmp, cache)  # atomic: never a half-written cache
+        try:  # atomic, with a unique temp name: never a half-written cache, no clash between runs
+            svg.atomic_write(cache, lambda f: np.savez(f, pool3=pool3.numpy(), key=np.array(key)))
         except OSError as e:
             print(f"could not cache reference features at {cache} ({e}); they will be recomputed next time")
             cache = "not cached"
     return pool3.numpy(), cache
+
+
+def check_reference(path):
+    """Fail fast (before any Inception pass) unless `path` is a usable FID reference."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"reference {path} not found; for ImageNet 256 gFID download VIRTUAL_imagenet256_labeled.npz from "
+            "the ADM evaluation suite (openai/guided-diffusion, evaluations/README.md) and pass it with --ref"
+        )
+    if path.endswith(".npz") and os.path.isfile(path):
+        with np.load(path) as data:
+            files = set(data.files)
+        if {"mu", "sigma"} <= files:
+            return  # an ADM reference batch
+    open_images(path)  # a folder of images or an .npz with uint8 arr_0, else a clear error
+
+
+def check_finite_metrics(results):
+    """A NaN / inf metric is an error, never a number in a results file."""
+    bad = {k: v for k, v in results.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"non-finite metrics {bad}: the samples or reference hold NaN / inf features "
+                         "(e.g. images from a diverged model, or a broken reference file)")
 
 
 def reference_statistics(path, inception, dist, batch_size=100, num_workers=4, need_features=True):
@@ -573,11 +594,7 @@ def reference_statistics(path, inception, dist, batch_size=100, num_workers=4, n
     features for precision/recall. Any other .npz (arr_0) or image folder is run
     through the Inception network once and cached next to itself.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"reference {path} not found; for ImageNet 256 gFID download VIRTUAL_imagenet256_labeled.npz from "
-            "the ADM evaluation suite (openai/guided-diffusion, evaluations/README.md) and pass it with --ref"
-        )
+    check_reference(path)
     files = []
     if path.endswith(".npz") and os.path.isfile(path):
         with np.load(path) as data:
@@ -878,6 +895,9 @@ def run_fid(args, dist):
     """gFID / IS / precision / recall of samples against a reference batch."""
     inception = load_inception(args.inception).to(dist.device)
     samples = open_images(args.samples)
+    check_reference(args.ref)  # everything checked before the expensive pass
+    if len(samples) < 2:
+        raise ValueError(f"{args.samples} holds {len(samples)} image(s): FID needs at least 2 (50,000 for FID-50K)")
     pool3, logits = inception_features(samples, inception, dist, args.batch_size, args.num_workers, desc="samples")
     ref = reference_statistics(args.ref, inception, dist, args.batch_size, args.num_workers)
     if not dist.is_main:
@@ -900,6 +920,7 @@ def run_fid(args, dist):
                      f"of {args.ref}, k={PR_NEIGHBOURS}; {net}")
     else:
         lines.append(f"precision/recall skipped: {args.ref} holds no images (arr_0)")
+    check_finite_metrics(results)
     if n != 50000:
         lines.append(f"note: FID-{n} is not comparable to the paper's FID-50K")
     write_results(results, lines, args.out or args.samples.rstrip(os.sep) + ".fid.json", dist)
@@ -907,7 +928,7 @@ def run_fid(args, dist):
 
 def run_recon(args, dist):
     """rFID / PSNR / SSIM / LPIPS of a stage-1 autoencoder on a validation folder."""
-    ae = svg.load_autoencoder(args.ae).to(dist.device)
+    ae = svg.load_autoencoder(args.ae, trust_pickle=args.trust_pickle).to(dist.device)
     image_size = args.image_size or ae.cfg.image_size
     dataset = svg.build_dataset(args.data, image_size, on_error="raise")  # ADM centre crop, no flip
     if args.num_images:
@@ -925,12 +946,13 @@ def run_recon(args, dist):
         f"rFID {r['rfid']:.4f}: {n} reconstructions vs {ref}; {net}",
         f"PSNR {r['psnr']:.3f} dB, SSIM {r['ssim']:.4f}, LPIPS {r['lpips']:.4f}: mean over {n} uint8 images",
     ]
+    check_finite_metrics(r)
     write_results(r, lines, args.out or args.ae + ".recon.json", dist)
 
 
 def run_probe(args, dist):
     """Table 4 classification: linear probes on DINO-only vs SVG features."""
-    ae = svg.load_autoencoder(args.ae).to(dist.device)
+    ae = svg.load_autoencoder(args.ae, trust_pickle=args.trust_pickle).to(dist.device)
     image_size = args.image_size or ae.cfg.image_size
     train_set = svg.build_dataset(args.data, image_size, on_error="raise")  # ADM centre crop, no flip
     if args.val_data:
@@ -1097,6 +1119,7 @@ def main():
 
     p = common(sub.add_parser("recon", help="rFID, PSNR, SSIM, LPIPS of a stage-1 autoencoder"))
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
+    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
     p.add_argument("--data", required=True, help="validation image folder (ImageNet val), or 'synthetic'")
     p.add_argument("--inception", required=True, help=f"path to {INCEPTION_FILE}")
     p.add_argument("--lpips-vgg", required=True, help="VGG16 trunk weights for LPIPS")
@@ -1109,6 +1132,7 @@ def main():
 
     p = common(sub.add_parser("probe", help="linear probe top-1/top-5, DINO-only vs SVG features (Table 4)"))
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
+    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
     p.add_argument("--data", required=True, help="labelled training folder (class subfolders), or 'synthetic'")
     p.add_argument("--val-data", default=None, help="held-out folder (default: hold out --holdout of --data)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of --data held out without --val-data")

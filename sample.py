@@ -34,7 +34,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import svg
@@ -43,13 +42,6 @@ import svg
 # ----------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
 def check_class_ids(ids, num_classes):
     """Class ids must be real classes; num_classes itself is the null class (guidance only)."""
     bad = [c for c in ids if not 0 <= c < num_classes]
@@ -121,13 +113,15 @@ def run_grid(args, gen, dist):
 # export: FID-50K samples, resumable, independent of the world size
 # ----------------------------------------------------------------------------------
 def export_settings(args):
-    """Everything that changes the samples; a resumed export must match it exactly."""
+    """Everything that changes the samples; a resumed export must match it exactly. Input files
+    are recorded by content (sha256), so a file replaced between two runs is caught; the batch
+    size is recorded since batched kernels round differently."""
     keys = ("num_samples", "labels", "seed", "steps", "method", "shift", "cfg_scale", "cfg_mode",
-            "zero_init_steps", "precision", "shard_size")
+            "zero_init_steps", "precision", "shard_size", "batch_size")
     settings = {k: getattr(args, k) for k in keys}
     settings["cfg_interval"] = list(args.cfg_interval)
-    for k in ("ckpt", "ae", "stats"):  # input files, by absolute path
-        settings[k] = getattr(args, k) and os.path.abspath(getattr(args, k))
+    for k in ("ckpt", "ae", "stats"):  # input files, by content
+        settings[k + "_sha256"] = getattr(args, k) and svg.file_sha256(getattr(args, k))
     return settings
 
 
@@ -145,26 +139,21 @@ def check_or_write_settings(out_dir, settings, dist):
             raise ValueError(f"{out_dir} holds an export with other settings ({'; '.join(diff)}): rerun "
                              "with the same settings to resume, or pick a new --out-dir")
     elif dist.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(settings, f, indent=2)
-        os.replace(path + ".tmp", path)
+        svg.atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2).encode()))
 
 
 def merge_shards(out_dir, num_shards, settings):
     """Shards in index order -> samples.npz (arr_0 uint8 NHWC + labels), written atomically."""
     images, labels = [], []
     for k in range(num_shards):
-        shard = torch.load(shard_path(out_dir, k), map_location="cpu", weights_only=True)
+        shard = svg.load_checkpoint(shard_path(out_dir, k), "export shard")
         assert shard["start"] == k * settings["shard_size"], f"{shard_path(out_dir, k)} is out of place"
         images.append(shard["images"].numpy())
         labels.append(shard["labels"].numpy())
     arr, labels = np.concatenate(images), np.concatenate(labels)  # [N, H, W, 3], [N]
     assert len(arr) == settings["num_samples"]
     path = os.path.join(out_dir, "samples.npz")
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, arr_0=arr, labels=labels)
-    os.replace(path + ".tmp", path)
+    svg.atomic_write(path, lambda f: np.savez(f, arr_0=arr, labels=labels))  # unique temp name
     return path
 
 
@@ -174,7 +163,10 @@ def run_export(args, gen, dist):
     labels = export_labels(args.num_samples, gen.num_classes, args.labels, args.seed)  # [N]
     num_shards = math.ceil(args.num_samples / args.shard_size)
     done = {k for k in range(num_shards) if os.path.exists(shard_path(args.out_dir, k))}
-    dist.barrier()  # every rank has listed the finished shards before any rank writes
+    if dist.is_main:
+        for path in svg.remove_stale_tmp(os.path.dirname(shard_path(args.out_dir, 0))):
+            print(f"removed {path}: a partial shard of a killed export")
+    dist.barrier()  # every rank has listed the finished shards (and rank 0 cleaned) before any rank writes
     todo = [k for k in range(num_shards) if k not in done][dist.rank::dist.world_size]  # round robin
     if args.max_shards is not None:
         todo = todo[:args.max_shards]
@@ -223,11 +215,7 @@ def run_interp(args, gen, dist):
 # ----------------------------------------------------------------------------------
 def load_image(path, size):
     """An image file -> ADM centre crop at the autoencoder resolution, [1, 3, size, size] in [-1, 1]."""
-    try:
-        with Image.open(path) as img:
-            pil = img.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read image {path!r} ({e}): pass a JPEG, PNG or other file PIL can open") from e
+    pil = svg.open_image(path, exif_transpose=True)  # a photo as it is shown; ValueError naming the file
     return svg.to_tensor(svg.center_crop_arr(pil, size))[None]  # [1, 3, size, size]
 
 
@@ -285,10 +273,11 @@ def add_common(p, steps, cfg_scale, shift, out, batch_size=32, sampler_options=T
     p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (train_dit.py, or the official SVG-XL .pt)")
     p.add_argument("--ae", default=None, help="official SVG-XL only: its autoencoder .ckpt (HF howlin/SVG)")
     p.add_argument("--stats", default=None, help="official SVG-XL only: dinov3_sp_stats.pt (shiml20/SVG)")
-    p.add_argument("--steps", type=positive_int, default=steps, help="Euler steps = NFE (App. A)")
-    p.add_argument("--shift", type=float, default=shift,
-                   help="sampling time shift a in t' = a t / (1 + (a - 1) t); official s = 1 / a")
-    p.add_argument("--cfg-scale", type=float, default=cfg_scale, help="guidance w; 1 = no guidance")
+    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
+    p.add_argument("--steps", type=svg.positive_int, default=steps, help="Euler steps = NFE (App. A)")
+    p.add_argument("--shift", type=svg.positive_float, default=shift,
+                   help="sampling time shift a > 0 in t' = a t / (1 + (a - 1) t); official s = 1 / a")
+    p.add_argument("--cfg-scale", type=svg.finite_float, default=cfg_scale, help="guidance w; 1 = no guidance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
     if sampler_options:
@@ -298,7 +287,7 @@ def add_common(p, steps, cfg_scale, shift, out, batch_size=32, sampler_options=T
                        help="with --cfg-mode interval: guide only while T_LO <= t <= T_HI")
         p.add_argument("--zero-init-steps", type=int, default=0,
                        help="CFG-Zero* zero-init: velocity 0 for the first k steps (paper: 1 with cfg 1.5)")
-        p.add_argument("--batch-size", type=positive_int, default=batch_size, help="images per forward, per rank")
+        p.add_argument("--batch-size", type=svg.positive_int, default=batch_size, help="images per forward, per rank")
     if out is not None:
         p.add_argument("--out", default=out, help="output PNG")
 
@@ -309,20 +298,20 @@ def parse_args(argv=None):
     p = sub.add_parser("grid", help="class-conditional sample grid (PNG, one row per class)")
     add_common(p, steps=25, cfg_scale=4.0, shift=svg.SAMPLE_TIME_SHIFT, out="samples/grid.png")
     p.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279])
-    p.add_argument("--per-class", type=positive_int, default=4)
+    p.add_argument("--per-class", type=svg.positive_int, default=4)
     p = sub.add_parser("export", help="N samples -> ADM .npz for FID (torchrun for many GPUs)")
     add_common(p, steps=25, cfg_scale=1.0, shift=svg.SAMPLE_TIME_SHIFT, out=None, batch_size=125)
     p.add_argument("--out-dir", required=True, help="holds settings.json, shards/ and samples.npz")
-    p.add_argument("--num-samples", type=positive_int, default=50_000)
+    p.add_argument("--num-samples", type=svg.positive_int, default=50_000)
     p.add_argument("--labels", choices=("balanced", "random"), default="balanced",
                    help="balanced: N / num_classes per class (shuffled); random: uniform class draws")
-    p.add_argument("--shard-size", type=positive_int, default=250, help="samples per resumable shard")
-    p.add_argument("--max-shards", type=positive_int, default=None,
+    p.add_argument("--shard-size", type=svg.positive_int, default=250, help="samples per resumable shard")
+    p.add_argument("--max-shards", type=svg.positive_int, default=None,
                    help="stop after this many new shards per rank (time-limited jobs; rerun to continue)")
     p = sub.add_parser("interp", help="lerp / slerp between two noises under one class (App. D)")
     add_common(p, steps=25, cfg_scale=4.0, shift=svg.SAMPLE_TIME_SHIFT, out="samples/interp.png")
     p.add_argument("--class-id", type=int, required=True)
-    p.add_argument("--num-points", type=positive_int, default=10)
+    p.add_argument("--num-points", type=svg.positive_int, default=10)
     p = sub.add_parser("edit", help="zero-shot class-conditional editing of a box (App. C)")
     add_common(p, steps=100, cfg_scale=4.0, shift=svg.EDIT_TIME_SHIFT, out="samples/edit.png",
                sampler_options=False)
@@ -334,7 +323,8 @@ def parse_args(argv=None):
                    help="pixel box on the centre crop at the autoencoder resolution")
     p.add_argument("--region", choices=("inside", "outside"), default="inside", help="which side to edit")
     p.add_argument("--t-edit", type=float, default=0.8, help="inversion depth t_edit in (0, 1]")
-    p.add_argument("--blur-sigma", type=float, default=1.0, help="mask softening, in feature cells")
+    p.add_argument("--blur-sigma", type=svg.nonnegative_float, default=1.0,
+                   help="mask softening, in feature cells (0: a hard mask)")
     return parser.parse_args(argv)
 
 
@@ -345,7 +335,8 @@ def main(argv=None):
         raise ValueError(f"only `export` runs across ranks: run `python sample.py {args.command} ...`")
     svg.setup_precision(args.precision)
     # No global seed: every random draw comes from a generator seeded with (seed, sample id).
-    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats)  # EMA SiT, frozen, CPU
+    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats,  # EMA SiT, frozen, CPU
+                                          trust_pickle=args.trust_pickle)
     gen = SimpleNamespace(model=model.to(dist.device), stats=stats, ae=ae.to(dist.device),
                           num_classes=model.cfg.num_classes)
     {"grid": run_grid, "export": run_export, "interp": run_interp, "edit": run_edit}[args.command](args, gen, dist)

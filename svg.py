@@ -33,14 +33,20 @@ Conventions, stated once here and used everywhere:
 - Classifier-free guidance acts on all feature channels.
 """
 
+import argparse
 import contextlib
 import glob
+import hashlib
 import math
+import multiprocessing
 import os
+import pickle
 import random
 import re
+import socket
 import tempfile
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -89,7 +95,53 @@ def load_strict(module, state_dict, source):
                 if keys]
     if problems:
         raise ValueError(f"cannot load {source}: " + "; ".join(problems))
+    check_finite(state_dict, source)
     module.load_state_dict(state_dict, strict=True)  # copies (and casts, e.g. bf16 -> fp32)
+
+
+def nonfinite_tensors(state_dict):
+    """Names of the floating-point tensors holding a NaN or inf (a diverged model)."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def check_finite(state_dict, source):
+    """Refuse weights with NaN / inf: no checkpoint is written with them, none is loaded with them."""
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        raise ValueError(f"{source} holds non-finite (NaN/inf) weights in {len(bad)} tensors, e.g. {bad[:4]}: "
+                         "the run diverged before it was saved; use an earlier checkpoint")
+
+
+TRUST_PICKLE_HELP = ("load --ae / --ckpt / --resume files with the full unpickler (torch.load weights_only=False) "
+                     "when the safe loader refuses them. RISK: a crafted file can then run arbitrary code on this "
+                     "machine; use only for files from a source you trust")
+
+
+def load_checkpoint(path, what="checkpoint", trust_pickle=False):
+    """torch.load onto the CPU with weights_only=True: tensors, numbers, strings and containers only,
+    so a crafted file cannot run code. Every file of this project loads so, and so do the official
+    ones (SVG-XL {"ema": ...}, dinov3_sp_stats.pt, the Lightning autoencoder .ckpt, whose state_dict,
+    optimizer, loop and callback states are plain data). A file that needs another Python global is
+    refused naming it; trust_pickle=True (TRUST_PICKLE_HELP) is the explicit opt-in. Unreadable,
+    truncated or foreign files raise a ValueError that names the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            names = found.group(1)
+            with contextlib.suppress(Exception):  # every object the file needs, not only the first
+                names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or names
+            raise ValueError(f"{what} {path!r} refers to the Python object(s) {names}, which a weights-only "
+                             "load refuses (unpickling them could run code). If you trust the file, pass "
+                             "--trust-pickle (trust_pickle=True)") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot read {what} {path!r}: truncated, corrupt or not a PyTorch file ({reason}); "
+                         "use another copy or an earlier checkpoint") from e
 
 
 def rope_rotate_half(x):
@@ -370,7 +422,7 @@ def _read_weights(path):
             raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors "
                               "(or pass Meta's .pth file instead)") from e
         return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_checkpoint(path, "DINOv3 weights")
 
 
 def load_dinov3(path, arch="dinov3_vits16plus"):
@@ -693,19 +745,21 @@ def import_official_autoencoder(state_dict, cfg=AE_PRESETS["paper"]):
     return model.eval().requires_grad_(False)
 
 
-def load_autoencoder(path_or_dict, dino_weights=None):
+def load_autoencoder(path_or_dict, dino_weights=None, trust_pickle=False):
     """Frozen eval SVGAutoencoder from a stage-1/2 checkpoint ("ae_config", "ae") or an official .ckpt.
 
     dino_weights: a DINOv3 file (see load_dinov3) that replaces the checkpoint's DINO weights;
-    required when the checkpoint was saved without them. Only load checkpoints you trust
-    (Lightning .ckpt files hold pickled Python objects).
+    required when the checkpoint was saved without them. Files load weights-only (load_checkpoint);
+    trust_pickle=True allows any pickled object (only for files you trust).
     """
     ckpt = path_or_dict
     if not isinstance(ckpt, dict):
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"autoencoder checkpoint {ckpt!r} not found: pass a stage-1 checkpoint written "
                                     "by train_ae.py, or the official SVG autoencoder .ckpt (HF repo howlin/SVG)")
-        ckpt = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt, "autoencoder checkpoint", trust_pickle)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"unrecognised autoencoder checkpoint: a {type(ckpt).__name__}, not a dict")
     if "ae_config" in ckpt and "ae" in ckpt:
         cfg, sd = AEConfig(**ckpt["ae_config"]), dict(ckpt["ae"])
         prefix = "dino."
@@ -1211,7 +1265,7 @@ def check_feature_stats(stats, channels):
 def load_feature_stats(source, channels=None):
     """Per-channel stats from a path or dict: native {"mean": [C], "std": [C]} or the official
     dinov3_sp_stats.pt {"dinov3_sp_mean": [1,1,C], "dinov3_sp_std": [1,1,C]}. Float32 CPU."""
-    stats = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, os.PathLike)) else source
+    stats = load_checkpoint(source, "feature stats") if isinstance(source, (str, os.PathLike)) else source
     if isinstance(stats, dict) and {"dinov3_sp_mean", "dinov3_sp_std"} <= set(stats):
         stats = {"mean": stats["dinov3_sp_mean"].reshape(-1), "std": stats["dinov3_sp_std"].reshape(-1)}
     if not isinstance(stats, dict) or not {"mean", "std"} <= set(stats):
@@ -1296,6 +1350,8 @@ def ode_time_grid(steps, shift=SAMPLE_TIME_SHIFT, t_start=1.0):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not 0 < t_start <= 1:
         raise ValueError(f"t_start must be in (0, 1], got {t_start}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"time shift must be a finite number > 0 (1 = no shift), got {shift}")
     # Shifts compose by multiplying a (they scale the odds t / (1 - t)), so 1 / a inverts:
     # the uniform grid starts where the shifted grid reaches t_start.
     u_start = time_shift(t_start, 1 / shift)
@@ -1344,6 +1400,8 @@ def sample_ode(model, noise, y, steps, shift=SAMPLE_TIME_SHIFT, method="euler", 
         raise ValueError(f"method must be one of {SAMPLER_METHODS}, got {method!r}")
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale must be a finite number (1 = no guidance), got {cfg_scale}")
     t_lo, t_hi = cfg_interval
     if not 0 <= t_lo <= t_hi <= 1:
         raise ValueError(f"cfg_interval must satisfy 0 <= t_lo <= t_hi <= 1, got {cfg_interval}")
@@ -1411,8 +1469,10 @@ def slerp(x0, x1, lam, eps=1e-6):
 
 
 def gaussian_blur_mask(mask, sigma):
-    """Separable 2D Gaussian blur of a [B, 1, h, w] mask, replicate-padded at the borders."""
-    if sigma <= 0:
+    """Separable 2D Gaussian blur of a [B, 1, h, w] mask, replicate-padded at the borders; sigma 0: none."""
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"blur sigma must be a finite number >= 0 (in feature cells), got {sigma}")
+    if sigma == 0:
         return mask
     r = math.ceil(3 * sigma)
     d = torch.arange(-r, r + 1, dtype=mask.dtype, device=mask.device)  # [2r + 1]
@@ -1520,14 +1580,15 @@ def import_official_sit(state_dict, cfg=None):
     return model.eval()
 
 
-def load_generator(path, ae=None, stats=None):
+def load_generator(path, ae=None, stats=None, trust_pickle=False):
     """(EMA SiT in eval, feature stats, SVGAutoencoder) for sampling, all on CPU and frozen.
 
     path: a train_dit.py checkpoint (carries everything; ae / stats must be None), or the
     official SVG-XL file {"ema": DiT state dict}, which needs ae = the stage-1 checkpoint it
     was trained with (official Lightning .ckpt or native) and stats = dinov3_sp_stats.pt.
+    Files load weights-only (load_checkpoint); weights with NaN / inf are refused (load_strict).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own / the authors' files
+    ckpt = load_checkpoint(path, "stage-2 checkpoint", trust_pickle)
     if isinstance(ckpt, dict) and "sit_config" in ckpt:
         if ae is not None or stats is not None:
             raise ValueError(f"{path} is a train_dit.py checkpoint with its own autoencoder and stats; drop ae/stats")
@@ -1547,7 +1608,7 @@ def load_generator(path, ae=None, stats=None):
                 "and stats=<dinov3_sp_stats.pt from the root of github.com/shiml20/SVG>"
             )
         model = import_official_sit(ckpt["ema"])
-        autoencoder = load_autoencoder(ae)
+        autoencoder = load_autoencoder(ae, trust_pickle=trust_pickle)
         stats = load_feature_stats(stats, model.cfg.in_channels)
     else:
         raise ValueError(
@@ -1567,6 +1628,39 @@ def load_generator(path, ae=None, stats=None):
 # Data: image folders, ADM centre crop, a built-in synthetic dataset
 # ----------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # matched case-insensitively
+
+
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale PNG / TIFF
+
+
+def open_image(path, exif_transpose=False):
+    """An image file as an 8-bit RGB PIL image, with every failure a ValueError naming the file.
+
+    Modes: RGB as is; L, 1, P, CMYK, YCbCr, LA, RGBA via PIL's convert("RGB") (alpha dropped,
+    as torchvision's loader does); 16-bit grayscale (I;16*, I) scaled by 255 / 65535 (convert
+    would clip it to white); 16-bit RGB(A) PNGs are read by PIL as 8-bit already. Float images
+    (F) are refused. EXIF orientation is ignored unless exif_transpose (ADM / torchvision read
+    training and reference images the same way). Pillow's decompression-bomb guard stays on:
+    files over Image.MAX_IMAGE_PIXELS are refused, naming the limit.
+    """
+    try:
+        with Image.open(path) as im:
+            if exif_transpose:
+                from PIL import ImageOps
+                im = ImageOps.exif_transpose(im)
+            if im.mode in WIDE_GRAY_MODES:
+                gray = np.asarray(im).astype(np.float64) * (255 / 65535)  # [H, W] in 0..255
+                return Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8)).convert("RGB")
+            if im.mode == "F":
+                raise ValueError("floating-point (mode F) images are not supported: save it as 8- or 16-bit")
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # PIL's documented route for palettes with transparency
+            return im.convert("RGB")  # forces the full decode, so truncated files fail here
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"cannot read image {os.fspath(path)!r}: {e} Resize the file, or raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad image files
+        raise ValueError(f"cannot read image {os.fspath(path)!r}: {e}") from e
 
 
 def _resize_short_side(pil_image, image_size: int):
@@ -1605,9 +1699,10 @@ class ImageFolder(torch.utils.data.Dataset):
     crop: "center" = ADM centre crop (stage 2, evaluation), "random" = the official AE
     training crop. flip: random horizontal flip. Random crops and flips are drawn from
     (seed, epoch, index), so they do not depend on workers or world size and resume exactly;
-    call set_epoch(e) each epoch. on_error: "raise" stops at an unreadable file naming it;
-    "skip" warns once per file (with its path), counts it in `num_skipped` (per DataLoader
-    worker process) and returns the next readable image instead, so an epoch never crashes.
+    call set_epoch(e) each epoch. Files are read by open_image (accepted modes there). An
+    empty class folder is an error. on_error: "raise" stops at an unreadable file naming it;
+    "skip" warns once per file (with its path), counts it in `num_skipped` (over all DataLoader
+    workers) and returns the next readable image instead, so an epoch never crashes.
     """
 
     def __init__(self, root, image_size: int, crop: str = "center", flip: bool = False,
@@ -1634,7 +1729,18 @@ class ImageFolder(torch.utils.data.Dataset):
             self.samples = [(p, 0) for p in top_files]
         if not self.samples:
             raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found in {root!r}")
-        self.num_skipped, self._warned = 0, set()
+        empty = sorted(set(subdirs) - {subdirs[label] for _, label in self.samples}) if subdirs else []
+        if empty:
+            raise FileNotFoundError(f"class folders without images in {root!r}: {empty[:5]}"
+                                    f"{' ...' if len(empty) > 5 else ''} would be classes no image has; "
+                                    "remove them or add their images")
+        # Skips counted across DataLoader worker processes (shared memory, inherited by workers).
+        self._skipped, self._warned = multiprocessing.Value("q", 0), set()
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images skipped so far, by this process and its DataLoader workers."""
+        return self._skipped.value
 
     @staticmethod
     def find_images(folder, recursive: bool) -> list:
@@ -1658,8 +1764,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def load(self, index: int) -> tuple:
         """(image [3, H, W] in [-1, 1], label) for one index; raises on an unreadable file."""
         path, label = self.samples[index]
-        with Image.open(path) as im:
-            pil = im.convert("RGB")  # forces the full decode, so truncated files fail here
+        pil = open_image(path)  # ValueError naming the file
         rng = np.random.default_rng((self.seed, self.epoch, index))
         arr = (random_crop_arr(pil, self.image_size, rng) if self.crop == "random"
                else center_crop_arr(pil, self.image_size))
@@ -1672,14 +1777,15 @@ class ImageFolder(torch.utils.data.Dataset):
             i = (index + offset) % len(self.samples)
             try:
                 return self.load(i)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad image files
+            except (OSError, ValueError) as e:  # open_image names the file
                 path = self.samples[i][0]
                 if self.on_error == "raise":
-                    raise RuntimeError(f"cannot read image {path!r}: {e}") from e
-                self.num_skipped += 1
+                    raise RuntimeError(str(e)) from e
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
                 if path not in self._warned:
                     self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path!r} ({e}); using the next one")
+                    warnings.warn(f"skipping unreadable image {path!r} ({e.__cause__ or e}); using the next one")
         raise RuntimeError(f"no readable image in {self.root!r}")
 
 
@@ -1757,6 +1863,38 @@ def build_dataset(spec: str, image_size: int, *, crop: str = "center", flip: boo
 # Script plumbing: distributed setup, precision, EMA, resumable sampler, checkpoints
 # ----------------------------------------------------------------------------------
 PRECISIONS = ("fp32", "tf32", "bf16")  # the one precision switch of every script
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (batch sizes, step counts, intervals, image sizes)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def finite_float(text):
+    """argparse type: a finite float (no nan / inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0 (learning rates, time shifts)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    """argparse type: a finite float >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 @dataclass
@@ -1881,31 +2019,42 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float):
 
 
 def apply_preset(args, preset: dict):
-    """Fill every flag left unset (None) on the command line from the preset's defaults."""
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    """Fill every flag left unset (None) on the command line from the preset's defaults; the
+    names filled are recorded in args.preset_defaults (what the user did not choose)."""
+    filled = [key for key, value in preset.items() if getattr(args, key, None) is None]
+    for key in filled:
+        setattr(args, key, preset[key])
+    args.preset_defaults = filled
     return args
+
+
+CHECKPOINT_GLOB = "[0-9]" * 7 + ".pt"  # <out>/checkpoints/NNNNNNN.pt, named by step
 
 
 def latest_checkpoint(out):
     """The newest <out>/checkpoints/NNNNNNN.pt (scripts name checkpoints by step), or None."""
-    paths = sorted(glob.glob(os.path.join(out, "checkpoints", "[0-9]" * 7 + ".pt")))
+    paths = sorted(glob.glob(os.path.join(out, "checkpoints", CHECKPOINT_GLOB)))
     return paths[-1] if paths else None
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then os.replace onto `path`.
+def atomic_write(path, write):
+    """write(f) into a temp file in the same folder, fsync, then os.replace onto `path`.
 
-    A crash at any point leaves either the old file or the new one, never a partial file.
+    A crash at any point leaves either the old file or the new one, never a partial file
+    (a killed writer may leave a `<name>.<random>.tmp`, see remove_stale_tmp). The temp
+    name is unique, so concurrent writers never collide, and the file gets the mode an
+    ordinary open() would (0666 minus the umask), not mkstemp's 0600.
     """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1919,6 +2068,136 @@ def atomic_save(obj, path):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_tmp(folder):
+    """Delete the `*.tmp` files that killed atomic_write calls left in `folder`; returns their names.
+    Call it only while no other process writes there (a trainer holding its RunLock)."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(os.fspath(folder)), "*.tmp")))
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    return stale
+
+
+def file_sha256(path, chunk=1 << 24):
+    """sha256 of a file's bytes: records which weights produced an output, whatever the path."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class RunLock:
+    """An exclusive lock on an output folder (<out>/run.lock, flock) held while a run writes there.
+
+    A second run on the same folder is refused with the holder's pid and host. The operating
+    system drops the lock when the holder exits, even on kill -9, so `--resume auto` after a
+    crash just works. A lock taken again in the same process (tests calling main() twice)
+    replaces the earlier one.
+    """
+
+    FILE = "run.lock"
+    _held = {}  # path -> open file, this process's locks
+
+    def __init__(self, out):
+        import fcntl  # POSIX; this project runs on Linux / macOS
+        self.path = os.path.abspath(os.path.join(out, self.FILE))
+        os.makedirs(out, exist_ok=True)
+        old = RunLock._held.pop(self.path, None)
+        if old is not None:
+            old.close()
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown pid"
+            f.close()
+            raise RuntimeError(f"{out!r} is in use by another run ({holder}; lock file {self.path}): wait for "
+                               "it to finish, stop it, or pick another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        RunLock._held[self.path] = self.file = f
+
+    def release(self):
+        if RunLock._held.get(self.path) is self.file:
+            del RunLock._held[self.path]
+        self.file.close()  # closing drops the flock
+
+
+def claim_output(out, fresh, overwrite, log):
+    """Lock <out> (RunLock) for this run and clean up after killed saves. A fresh run (one that
+    writes checkpoints without resuming) into a folder holding another run's checkpoints is
+    refused, since same-step files would be replaced and `--resume auto` would then mix the two
+    runs; overwrite=True deletes those checkpoints first. Returns the lock (.release() at the end)."""
+    lock = RunLock(out)
+    folder = os.path.join(out, "checkpoints")
+    for path in remove_stale_tmp(folder):
+        log(f"removed {path}: a partial checkpoint of a killed save")
+    old = sorted(glob.glob(os.path.join(glob.escape(folder), CHECKPOINT_GLOB)))
+    if old and fresh:
+        if not overwrite:
+            lock.release()
+            raise FileExistsError(
+                f"{out!r} already holds checkpoints of another run ({os.path.basename(old[0])} .. "
+                f"{os.path.basename(old[-1])}): continue it with --resume auto, pick another --out, or pass "
+                "--overwrite to delete them and start fresh")
+        for path in old:
+            os.remove(path)
+        log(f"--overwrite: deleted {len(old)} checkpoints of an earlier run in {folder}")
+    return lock
+
+
+def resume_lr(args, optimizers, log):
+    """After an optimizer state is loaded on resume: an explicit --lr replaces the checkpoint's in
+    every param group; without one (args.preset_defaults, apply_preset) the checkpoint's lr goes
+    on. Either way args.lr then records the lr in use."""
+    old = optimizers[0].param_groups[0]["lr"]
+    if "lr" in args.preset_defaults:
+        args.lr = old
+    elif args.lr != old:
+        log(f"--lr {args.lr} replaces the checkpoint's lr {old}")
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = args.lr
+
+
+def skipped_note(dataset):
+    """' | N unreadable images skipped so far' for a log line once an ImageFolder skipped any, else ''."""
+    skipped = getattr(dataset, "num_skipped", 0)
+    return f" | {skipped} unreadable images skipped so far (rank 0)" if skipped else ""
+
+
+def resume_checkpoint(resume, out, log, what="checkpoint", trust_pickle=False):
+    """(path, checkpoint dict) to resume from, or (None, None) for a fresh run.
+
+    resume: None, a path, or "auto" = the newest readable <out>/checkpoints/NNNNNNN.pt; an
+    unreadable newest one (a damaged disk, a copy cut short) is reported and the one before
+    it is tried.
+    """
+    if resume is None:
+        return None, None
+    if resume != "auto":
+        return resume, load_checkpoint(resume, what, trust_pickle)
+    paths = sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", CHECKPOINT_GLOB)))
+    if not paths:
+        log(f"--resume auto: no checkpoint in {out}/checkpoints, starting fresh")
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path, what, trust_pickle)
+        except ValueError as e:
+            log(f"--resume auto: skipping {path}: {e}")
+    if paths:
+        raise ValueError(f"--resume auto: none of the {len(paths)} checkpoints in {out}/checkpoints is readable")
+    return None, None
 
 
 def rng_state() -> dict:

@@ -36,9 +36,9 @@ from tqdm import tqdm
 from svg import (
     ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, PRECISIONS, PatchGAN, ResumableSampler,
     SVGAutoencoder, adaptive_weight, align_residual, apply_preset, atomic_save, autocast, build_dataset,
-    gan_active, generator_loss, hinge_d_loss, init_distributed, latest_checkpoint, load_dinov3, load_lpips,
-    load_strict, psnr, reconstruction_loss, rng_state, save_image_grid, set_rng_state, set_seed,
-    setup_precision, ssim,
+    claim_output, gan_active, generator_loss, hinge_d_loss, init_distributed, load_dinov3, load_lpips,
+    load_strict, nonfinite_tensors, positive_float, positive_int, psnr, reconstruction_loss, resume_checkpoint,
+    resume_lr, rng_state, save_image_grid, set_rng_state, set_seed, setup_precision, skipped_note, ssim,
 )
 
 # Defaults per preset; any flag given on the command line wins.
@@ -68,15 +68,18 @@ def parse_args(argv=None):
     p.add_argument("--val-data", help="held-out images (folder or 'synthetic'); default: the last "
                                       "--num-eval images of --data, excluded from training")
     p.add_argument("--out", help="output folder (default runs/ae-<preset>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in an --out that holds another run's checkpoints, DELETING them")
     p.add_argument("--dino-weights", help="DINOv3 .pth / HF safetensors (random DINO without it: tiny "
                                           "only; a resumed run takes DINO from its checkpoint)")
     p.add_argument("--lpips-vgg", help="torchvision vgg16-397923af.pth")
     p.add_argument("--lpips-heads", help="LPIPS v0.1 heads vgg.pth")
-    p.add_argument("--global-batch", type=int)
-    p.add_argument("--grad-accum", type=int, help="micro-batches per rank and step (memory); the "
+    p.add_argument("--global-batch", type=positive_int)
+    p.add_argument("--grad-accum", type=positive_int, help="micro-batches per rank and step (memory); the "
                    "adaptive weight, Eq. (6) statistics and D's BatchNorm then see micro-batches")
-    p.add_argument("--steps", type=int, help="training iterations")
-    p.add_argument("--lr", type=float, help="Adam lr of the AE and the discriminator")
+    p.add_argument("--steps", type=positive_int, help="training iterations")
+    p.add_argument("--lr", type=positive_float, help="Adam lr of the AE and the discriminator; on --resume "
+                   "the checkpoint's unless given")
     p.add_argument("--disc-start", type=int, help="first iteration (0-based) with the GAN terms")
     p.add_argument("--disc-weight", type=float, default=DISC_WEIGHT)
     p.add_argument("--crop", choices=["center", "random"])
@@ -86,12 +89,12 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--num-eval", type=int, help="held-out images for PSNR / SSIM / LPIPS")
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--sample-every", type=int, help="reconstruction grid PNG every N iterations")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--resume", help="checkpoint path, or 'auto' = the latest in <out>/checkpoints if any")
+    p.add_argument("--num-eval", type=positive_int, help="held-out images for PSNR / SSIM / LPIPS")
+    p.add_argument("--log-every", type=positive_int)
+    p.add_argument("--sample-every", type=positive_int, help="reconstruction grid PNG every N iterations")
+    p.add_argument("--eval-every", type=positive_int)
+    p.add_argument("--ckpt-every", type=positive_int)
+    p.add_argument("--resume", help="checkpoint path, or 'auto' = the latest readable in <out>/checkpoints if any")
     args = p.parse_args(argv)
     apply_preset(args, PRESETS[args.preset])
     args.out = args.out or os.path.join("runs", f"ae-{args.preset}")
@@ -212,6 +215,8 @@ def main(argv=None):
             log_file.write(msg + "\n")
             log_file.flush()
 
+    lock = claim_output(args.out, args.resume is None, args.overwrite, log) if dist.is_main else None  # used --out
+
     log(f"train_ae: {dist.world_size} process(es) on {device}, global batch {args.global_batch} "
         f"({batch} per rank), {args.precision}, args {vars(args)}")
     log(f"AEConfig {dataclasses.asdict(cfg)}")
@@ -262,21 +267,19 @@ def main(argv=None):
 
     # ---- resume (model, discriminator, optimisers, step, data position, per-rank RNG)
     step = 0
-    resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
-    if args.resume and resume is None:
-        log(f"--resume auto: no checkpoint in {args.out}/checkpoints, starting fresh")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume!r} not found: pass a checkpoint written by "
+                                f"train_ae.py or 'auto'")
+    resume, ckpt = resume_checkpoint(args.resume, args.out, log, "--resume checkpoint")
     if resume:
-        if not os.path.isfile(resume):
-            raise FileNotFoundError(f"--resume {resume!r} not found: pass a checkpoint written by "
-                                    f"train_ae.py or 'auto'")
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
         if ckpt["ae_config"] != dataclasses.asdict(cfg):
             raise ValueError(f"{resume} was trained with AEConfig {ckpt['ae_config']}, this run has "
                              f"{dataclasses.asdict(cfg)}: use the same --preset / --ae-set")
-        load_strict(ae, ckpt["ae"], resume)
-        disc.load_state_dict(ckpt["disc"])
+        load_strict(ae, ckpt["ae"], resume)  # also refuses NaN / inf weights
+        load_strict(disc, ckpt["disc"], f"the discriminator of {resume}")
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_disc.load_state_dict(ckpt["opt_disc"])
+        resume_lr(args, [opt_ae, opt_disc], log)  # an explicit --lr takes effect, else the checkpoint's
         sampler.load_state_dict(ckpt["sampler"])
         step = ckpt["step"]
         if len(ckpt["rng"]) == dist.world_size:
@@ -303,7 +306,12 @@ def main(argv=None):
     disc.train()
 
     # ---- loop
+    last_good = resume
+
     def checkpoint():
+        nonfinite = nonfinite_tensors(ae.state_dict()) + nonfinite_tensors(disc.state_dict())
+        if nonfinite:  # the same weights on every rank, so every rank stops here
+            stop(f"non-finite weights (NaN/inf in {nonfinite[:3]}) at iteration {step}")
         rng = dist.all_gather_object(rng_state())
         if dist.is_main:
             atomic_save({"ae_config": dataclasses.asdict(cfg), "ae": ae.state_dict(),
@@ -312,6 +320,13 @@ def main(argv=None):
                          "sampler": sampler.state_dict(), "rng": rng, "args": vars(args)},
                         os.path.join(args.out, "checkpoints", f"{step:07d}.pt"))
         dist.barrier()
+        return os.path.join(args.out, "checkpoints", f"{step:07d}.pt")
+
+    def stop(what):
+        msg = (f"{what}: training stopped, nothing saved. Last good checkpoint: {last_good or 'none written yet'}. "
+               "Resume from it (--resume) with a lower --lr or --precision fp32")
+        dist.close()
+        raise SystemExit(msg if dist.is_main else 1)
 
     history, metrics, saved_at = [], {}, None
     pbar = tqdm(total=args.steps, initial=step, disable=not dist.is_main, dynamic_ncols=True)
@@ -362,12 +377,14 @@ def main(argv=None):
                 vals = dist.all_reduce_mean(torch.cat([torch.stack(stats).mean(0), d_loss.view(1)]))
                 rec = dict(zip(("nll", "l1", "lpips", "g_loss", "d_weight", "d_loss"), vals.tolist()))
                 rec.update(step=step, gan=gan)
+                if not all(np.isfinite(v) for v in vals.tolist()):
+                    stop(f"non-finite loss (NaN/inf) at iteration {step}: {rec}")
                 history.append(rec)
                 ips = (step - n0) * args.global_batch / (time.time() - t0)
                 pbar.set_postfix(l1=f"{rec['l1']:.4f}", lpips=f"{rec['lpips']:.4f}", g=f"{rec['g_loss']:.3f}")
                 log(f"step {step:7d} | nll {rec['nll']:.2f} | l1 {rec['l1']:.4f} | lpips {rec['lpips']:.4f} | "
                     f"g {rec['g_loss']:.4f} | d_weight {rec['d_weight']:.4f} | d {rec['d_loss']:.4f} | "
-                    f"{ips:.1f} img/s")
+                    f"{ips:.1f} img/s" + skipped_note(train_set))
             if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
                 path = os.path.join(args.out, "samples", f"{step:07d}.png")
                 save_reconstructions(ae, eval_images[:8], path, args.precision, device)
@@ -378,7 +395,7 @@ def main(argv=None):
                 log(f"eval step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                     + f" ({args.num_eval} held-out images)")
             if step % args.ckpt_every == 0 or step == args.steps:
-                checkpoint()
+                last_good = checkpoint()
                 saved_at = step
             if step >= args.steps:
                 break
@@ -392,6 +409,7 @@ def main(argv=None):
     log(f"done: {step} iterations, {time.time() - t0:.1f} s, final eval {metrics}")
     if dist.is_main:
         log_file.close()
+        lock.release()
     dist.close()
     return {"step": step, "history": history, "eval": metrics, "out": args.out}
 

@@ -58,19 +58,24 @@ def parse_args(argv=None):
     p.add_argument("--cache-dtype", choices=["float16", "bfloat16"], default="float16")
     p.add_argument("--stats", help="feature stats file (native or official dinov3_sp_stats.pt) instead of computing")
     p.add_argument("--out", help="output folder: checkpoints/NNNNNNN.pt, log.txt, feature_stats.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh in an --out that holds another run's checkpoints, DELETING them")
     p.add_argument("--model", choices=sorted(svg.SIT_PRESETS))
-    p.add_argument("--image-size", type=int, help="default: the autoencoder's training size")
-    p.add_argument("--global-batch", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--steps", type=int, help="total optimizer steps")
+    p.add_argument("--image-size", type=svg.positive_int, help="default: the autoencoder's training size")
+    p.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="unreadable images in --data")
+    p.add_argument("--global-batch", type=svg.positive_int)
+    p.add_argument("--lr", type=svg.positive_float, help="AdamW lr; on --resume the checkpoint's unless given")
+    p.add_argument("--steps", type=svg.positive_int, help="total optimizer steps")
     p.add_argument("--grad-clip", type=float, help="clip the global grad norm (official: none)")
     p.add_argument("--precision", choices=list(svg.PRECISIONS))
     p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute SiT blocks in backward")
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--resume", help='checkpoint path, or "auto" = the latest in <out>/checkpoints (fresh if none)')
+    p.add_argument("--log-every", type=svg.positive_int)
+    p.add_argument("--ckpt-every", type=svg.positive_int)
+    p.add_argument("--resume", help='checkpoint path, or "auto" = the newest readable in <out>/checkpoints '
+                                    '(fresh if none)')
+    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     svg.apply_preset(args, PRESETS[args.preset])
@@ -82,15 +87,17 @@ def parse_args(argv=None):
         p.error("pass --data (an image folder, e.g. imagenet/train) or --cache (a folder written by --extract)")
     if args.extract and (args.cache is None or args.data is None):
         p.error("--extract needs --data (images to encode) and --cache (folder to write)")
+    if args.image_size is not None and args.image_size % svg.PATCH_SIZE:
+        p.error(f"--image-size {args.image_size} must be a multiple of {svg.PATCH_SIZE} (the patch size)")
     return args
 
 
-def load_trained_autoencoder(path):
+def load_trained_autoencoder(path, trust_pickle=False):
     """Frozen stage-1 autoencoder; refuses a checkpoint saved before any training step."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--ae {path!r} not found: pass the stage-1 checkpoint written by train_ae.py "
                                 "or the official SVG autoencoder .ckpt (HF repo howlin/SVG)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own / the authors' file
+    ckpt = svg.load_checkpoint(path, "--ae", trust_pickle)  # weights only unless trusted
     trained_steps = ckpt.get("step", ckpt.get("global_step")) if isinstance(ckpt, dict) else None
     if trained_steps == 0:
         raise ValueError(f"--ae {path!r} was saved at step 0: its residual encoder and decoder are random "
@@ -254,24 +261,26 @@ def main(argv=None):
             with open(os.path.join(args.out, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
+    fresh = args.resume is None and not args.extract  # --extract writes no checkpoints
+    lock = svg.claim_output(args.out, fresh, args.overwrite, log) if dist.is_main else None  # refuses a used --out
+
     log(f"train_dit.py {json.dumps(vars(args))} | {dist.world_size} process(es) on {device}")
-    resume = svg.latest_checkpoint(args.out) if args.resume == "auto" else args.resume
-    if args.resume == "auto" and resume is None:
-        log(f"--resume auto: no checkpoint in {args.out}/checkpoints, starting fresh")
-    ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume else None
+    resume, ckpt = svg.resume_checkpoint(args.resume, args.out, log, "--resume checkpoint", args.trust_pickle)
 
     # ---------------------------------------------------------------- frozen autoencoder and data
-    ae = load_trained_autoencoder(args.ae)
+    ae = load_trained_autoencoder(args.ae, args.trust_pickle)
     ae_state = {k: v.clone() for k, v in ae.state_dict().items()}  # CPU copy for checkpoints
     if args.image_size is None:
         args.image_size = ae.cfg.image_size
     C, grid = ae.feature_dim, args.image_size // svg.PATCH_SIZE
     if args.cache is None or args.extract:
         images = svg.build_dataset(args.data, args.image_size, crop="center", flip=False, seed=args.seed,
-                                   **SYNTHETIC_DATA)
+                                   on_error=args.on_error, **SYNTHETIC_DATA)
         ae.to(device)
     if args.extract:
         extract_features(args, dist, ae, images, log)
+        if dist.is_main:
+            lock.release()
         dist.close()
         return
     if args.cache is None:
@@ -291,12 +300,18 @@ def main(argv=None):
         stats = svg.load_feature_stats(os.path.join(args.cache, "stats.pt"), C)
     else:
         stats = compute_feature_stats(ae, images, dist, local_batch, args.num_workers)
+        if not all(torch.isfinite(v).all() for v in stats.values()):
+            raise ValueError(f"the features of --ae {args.ae} on --data {args.data} are not finite (NaN/inf), so "
+                             "neither are their statistics: the autoencoder is broken, not the diffusion lr")
         if dist.is_main:
             svg.atomic_save(stats, os.path.join(args.out, "feature_stats.pt"))
     stats_dev = {k: v.to(device) for k, v in stats.items()}
     sampler = svg.ResumableSampler(len(train_set), dist.world_size, dist.rank, seed=args.seed)
     loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, drop_last=True)
+    if len(loader) == 0:  # drop_last would yield no batch at all and the loop would spin forever
+        raise ValueError(f"{len(train_set)} training items ({len(train_set) // 2} images x 2 flips) is less than "
+                         f"one global batch ({args.global_batch}): use a smaller --global-batch or more data")
     log(f"data: {len(train_set) // 2} images x 2 flips, {num_classes} classes, features [{C}, {grid}, {grid}], "
         f"{'cache ' + args.cache if args.cache else 'encoded on the fly'}")
 
@@ -324,9 +339,10 @@ def main(argv=None):
             raise ValueError(f"{resume} has sit_config {ckpt['sit_config']}, this run builds {asdict(cfg)}")
         if any(not torch.equal(v, ckpt["ae"][k]) for k, v in ae_state.items()):
             raise ValueError(f"{resume} was trained on features of a different autoencoder than --ae {args.ae}")
-        raw.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])  # never re-initialised after resume
+        svg.load_strict(raw, ckpt["model"], resume)  # also refuses NaN / inf weights
+        svg.load_strict(ema, ckpt["ema"], f"the EMA of {resume}")  # never re-initialised after resume
         opt.load_state_dict(ckpt["opt"])
+        svg.resume_lr(args, [opt], log)  # an explicit --lr takes effect, else the checkpoint's
         sampler.load_state_dict(ckpt["sampler"])
         svg.set_rng_state(ckpt["rng"])
         step = ckpt["step"]
@@ -347,15 +363,21 @@ def main(argv=None):
     loss_sum, first_bad = torch.zeros((), device=device), torch.full((), NO_BAD_STEP, device=device)
     last_ckpt, window_start, window_steps = resume, time.time(), 0
 
-    def stop_if_nonfinite():
+    def stop_if_nonfinite(weights=False):
         # The NaN/inf check is a device-side running minimum of the first bad step, read only here
         # (log and checkpoint steps): no per-step host sync, the exact step is still named, and no
-        # checkpoint is ever written after a bad step, so the last one on disk is good.
+        # checkpoint is ever written after a bad step. An update can overflow after a finite loss,
+        # so before a save (weights=True) the weights themselves are checked too: the last
+        # checkpoint on disk is always finite.
         bad = first_bad.clone()
         if dist.initialized:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-        if bad.item() != NO_BAD_STEP:
-            msg = (f"non-finite loss (NaN/inf) first at step {bad.item()}: training stopped. Last good checkpoint: "
+        what = f"loss (NaN/inf) first at step {bad.item()}" if bad.item() != NO_BAD_STEP else None
+        if what is None and weights:
+            nonfinite = svg.nonfinite_tensors(raw.state_dict()) + svg.nonfinite_tensors(ema.state_dict())
+            what = f"weights (NaN/inf in {nonfinite[:3]}) after step {step}" if nonfinite else None
+        if what is not None:
+            msg = (f"non-finite {what}: training stopped, nothing saved. Last good checkpoint: "
                    f"{last_ckpt or 'none written yet'}. Resume from it (--resume) with e.g. --grad-clip 1.0, "
                    "a lower --lr or --precision fp32")
             dist.close()
@@ -389,12 +411,13 @@ def main(argv=None):
         first_bad = torch.where(torch.isfinite(loss), first_bad, torch.clamp(first_bad, max=step))
 
         if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.steps:
-            stop_if_nonfinite()  # once per log or checkpoint step, never per training step
+            stop_if_nonfinite(weights=step % args.ckpt_every == 0 or step == args.steps)  # never per step
         if step % args.log_every == 0 or step == args.steps:
             mean_loss = dist.all_reduce_mean(loss_sum).item() / window_steps
             elapsed = time.time() - window_start
             log(f"step {step:7d} | loss {mean_loss:.4f} | {window_steps / elapsed:.2f} steps/s | "
-                f"{window_steps * local_batch / elapsed:.1f} img/s per process")
+                f"{window_steps * local_batch / elapsed:.1f} img/s per process"
+                + (svg.skipped_note(images) if args.cache is None else ""))
             loss_sum.zero_()
             window_start, window_steps = time.time(), 0
         if step % args.ckpt_every == 0 or step == args.steps:
@@ -410,6 +433,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- teardown
     dist.barrier()
+    if dist.is_main:
+        lock.release()
     dist.close()
 
 
