@@ -5,11 +5,15 @@
     torchrun --nproc_per_node=8 eval.py recon --ae ae.pt --data /imagenet/val \
         --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth --inception pt_inception-2015-12-05-6726825d.pth
     torchrun --nproc_per_node=8 eval.py probe --ae ae.pt --data /imagenet/train --val-data /imagenet/val
+    torchrun --nproc_per_node=8 eval.py sweep --ckpt CKPT --ref VIRTUAL_imagenet256_labeled.npz \
+        --inception pt_inception-2015-12-05-6726825d.pth --steps 5 10 25 --cfg-scales 1 1.5   # Table 2, Fig. 13
+    python eval.py curves runs/svg_xl                                                        # Fig. 14
     python eval.py bench-fid
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
 extraction -> metrics (Frechet distance, Inception Score, precision/recall, PSNR, SSIM)
--> reference statistics -> reconstruction evaluation -> linear probe -> CLI.
+-> reference statistics -> reconstruction evaluation -> linear probe -> sweeps and
+training curves -> CLI.
 
 Conventions, stated once here:
 - The Inception network is pytorch-fid's port of the 2015 TensorFlow FID graph
@@ -25,6 +29,8 @@ Conventions, stated once here:
 - Inception Score: 10 contiguous, unshuffled splits (= ADM's 5000-image chunks at 50k).
 - Linear probe: the spatial mean of the SVG feature map (mean-pooled patch tokens), DINO-only
   = its first dino_dim channels, SVG = all channels; no CLS token, as SVG has none.
+- FID-N names its sample count: FID-10K and the like are biased upward against FID-50K and
+  are not comparable with the paper's numbers (sweeps and train_dit.py's online FID).
 - gFID uses ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`, mu/sigma computed
   by the TF evaluator on ImageNet train). rFID uses the 256x256 ADM centre crops of the
   validation images as reference, never the VIRTUAL batch.

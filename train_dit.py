@@ -463,7 +463,8 @@ def main(argv=None):
             if dist.is_main:
                 log(f"step {step:7d} | {r['metric']} {r['fid']:.4f} | IS {r['inception_score']:.3f} "
                     f"(EMA, online, {time.time() - t0:.0f} s)")
-                log_metrics(step=step, **r, reference=fid_ref["source"], sampler=sample.in_process_settings(fid_sampler))
+                log_metrics(step=step, **r, reference=fid_ref["source"],
+                            sampler=sample.in_process_settings(fid_sampler))
             window_start += time.time() - t0  # the speed log counts training time only
 
     # ---------------------------------------------------------------- teardown
