@@ -949,8 +949,8 @@ def run_sweep(args, dist):
     at each step count x guidance scale, `sample.py export`'s samples made in memory, against one
     reference statistics pass."""
     out = args.out or args.ckpt + ".sweep"
-    if dist.is_main and len(args.cfg_scales) > 1:
-        pyplot()  # fail before sampling, not after
+    if len(args.cfg_scales) > 1:
+        pyplot()  # fail before sampling, not after (on every rank: none starts alone)
     gen = sample.load_gen(args.ckpt, args.ae, args.stats, dist.device)
     inception = load_inception(args.inception).to(dist.device)
     ref = reference_statistics(args.ref, inception, dist, args.batch_size, args.num_workers, need_features=False)

@@ -21,19 +21,16 @@ from test_train_dit import save_ae
 N = 10  # samples per FID: the fewest the 10 Inception Score splits allow
 
 
-def calibrated_inception(path, seed=0):
-    """Random FIDInceptionV3 weights in the real file layout, BatchNorm statistics set from one batch of
-    noise images so that every layer's activations are normalised: informative pool3 features."""
-    torch.manual_seed(seed)
-    model = ev.FIDInceptionV3()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average: the running statistics of this one batch
-    with torch.no_grad():
-        model.train()(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
-        model.fc.weight.mul_(3)  # more confident logits, so the Inception Score is not ~1
-    torch.save(model.state_dict(), path)
-    return str(path)
+class RecordingInception(TinyInception):
+    """TinyInception that keeps every batch it is given: which uint8 images were scored, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, images):
+        self.batches.append(images.clone())
+        return super().forward(images)
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +38,15 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sweeps")
     rng = np.random.default_rng(0)
     np.savez(d / "ref.npz", arr_0=rng.integers(0, 256, (N, 32, 32, 3), dtype=np.uint8))
-    return dict(dir=d, ref=str(d / "ref.npz"), inception=calibrated_inception(d / ev.INCEPTION_FILE),
-                ckpt=tiny_stage2_checkpoint(d / "tiny.pt"))
+    return dict(dir=d, ref=str(d / "ref.npz"), ckpt=tiny_stage2_checkpoint(d / "tiny.pt"))
 
 
-def offline_fid(ckpt, out_dir, ref, inception, *export_flags):
+def offline_fid(ckpt, out_dir, ref, *export_flags):
     """`sample.py export` then `eval.py fid`, as a user would run them."""
     sample.main(["export", "--ckpt", ckpt, "--out-dir", str(out_dir), "--num-samples", str(N), *export_flags])
     out = os.path.join(out_dir, "fid.json")
     argv, sys.argv = sys.argv, ["eval.py", "fid", "--samples", os.path.join(out_dir, "samples.npz"), "--ref", ref,
-                                "--inception", inception, "--out", out, "--num-workers", "0"]
+                                "--inception", "w.pth", "--out", out, "--num-workers", "0"]
     try:
         ev.main()
     finally:
@@ -63,19 +59,27 @@ def offline_fid(ckpt, out_dir, ref, inception, *export_flags):
 def test_online_fid_equals_export_then_eval_fid_and_curves_plot(files, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.setitem(train_dit.SYNTHETIC_DATA, "num_images", 10)
+    online_net, offline_net = RecordingInception(), RecordingInception()
+    monkeypatch.setattr(ev, "load_inception", lambda path: online_net)
     ae, out = save_ae(tmp_path / "ae.pt"), tmp_path / "run"
     sampler = ["--steps", "3", "--batch-size", "4", "--shard-size", "6", "--cfg-scale", "2", "--seed", "5"]
     train_dit.main(train_args(ae, out, "--fid-every", "4", "--fid-samples", str(N), "--fid-ref", files["ref"],
-                              "--fid-inception", files["inception"], f"--fid-sampler-args={' '.join(sampler)}",
+                              "--fid-inception", "w.pth", f"--fid-sampler-args={' '.join(sampler)}",
                               "--ckpt-every", "4", steps=4))
     loss, fid = ev.read_training_metrics(str(out))
     assert [r["step"] for r in loss] == [2, 4] and [r["step"] for r in fid] == [4]
     online = fid[0]
     assert online["metric"] == "FID-10" and online["num_samples"] == N and online["sampler"]["cfg_scale"] == 2
-    offline = offline_fid(str(out / "checkpoints" / "0000004.pt"), tmp_path / "export", files["ref"],
-                          files["inception"], *sampler)
-    assert online["fid"] == pytest.approx(offline["fid"], rel=1e-6)
-    assert online["inception_score"] == pytest.approx(offline["inception_score"], rel=1e-6)
+
+    monkeypatch.setattr(ev, "load_inception", lambda path: offline_net)
+    offline = offline_fid(str(out / "checkpoints" / "0000004.pt"), tmp_path / "export", files["ref"], *sampler)
+    assert online["fid"] == pytest.approx(offline["fid"], rel=1e-9)
+    assert online["inception_score"] == pytest.approx(offline["inception_score"], rel=1e-9)
+    # The same uint8 images in the same order, as contiguous [B, 3, H, W] batches, reached the network.
+    exported = torch.from_numpy(np.load(tmp_path / "export" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+    assert all(b.is_contiguous() and b.dtype == torch.uint8 for b in online_net.batches)
+    assert torch.equal(torch.cat(online_net.batches)[-N:], exported)  # after the reference pass (or its cache)
+    assert torch.equal(torch.cat(offline_net.batches)[:N], exported)  # before it
 
     # Fig. 14 plot from the run folder; a resumed run's repeated step keeps its last record.
     with open(out / ev.TRAINING_METRICS, "a") as f:
@@ -126,7 +130,7 @@ def test_sweep_scores_each_setting_as_export_then_fid_with_one_reference_pass(fi
     assert sorted(cells) == [(2, 1.0), (2, 2.0), (3, 1.0), (3, 2.0)]
     assert cells[3, 2.0]["zero_init_steps"] == 1 and cells[3, 1.0]["zero_init_steps"] == 0  # App. A: guided only
     assert len({row["fid"] for row in r["rows"]}) == 4  # every setting samples differently
-    offline = offline_fid(files["ckpt"], tmp_path / "export", files["ref"], "w.pth", "--steps", "3",
+    offline = offline_fid(files["ckpt"], tmp_path / "export", files["ref"], "--steps", "3",
                           "--cfg-scale", "2", "--zero-init-steps", "1", "--batch-size", "4")
     assert cells[3, 2.0]["fid"] == pytest.approx(offline["fid"], rel=1e-6)
     assert cells[3, 2.0]["inception_score"] == pytest.approx(offline["inception_score"], rel=1e-6)
