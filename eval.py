@@ -799,6 +799,7 @@ def plot_cfg_curve(rows, metric, title, path):
     for ax, ylabel in zip(axes, (metric, "Inception Score")):
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel(ylabel)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=9)
@@ -837,6 +838,7 @@ def plot_training_curves(runs, path):
     axes[1].set_ylabel(" / ".join(sorted(metrics)) + " (EMA)" if metrics else "no FID records (--fid-every)")
     for ax in axes:
         ax.set_xlabel("training step")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         ax.legend()
     if metrics - {fid_name(PAPER_FID_SAMPLES)}:
@@ -972,8 +974,9 @@ def run_sweep(args, dist):
     if not dist.is_main:
         return
     table2, fig13 = sweep_tables(rows, method, params, metric)
-    source = (f"{args.ckpt}, {metric} vs {ref['source']}; {network_note(inception)}; other sampler settings "
-              f"`sample.py export {args.sampler_args}`".rstrip() + " (export defaults otherwise)")
+    export = " ".join(["sample.py export", args.sampler_args]).strip()
+    source = (f"{args.ckpt}, {metric} vs {ref['source']}; {network_note(inception)}; other sampler settings: "
+              f"`{export}`'s defaults")
     lines = [f"Table 2 layout: {source}", *table2, "", "Fig. 13 (FID / IS against the guidance scale):", *fig13]
     if args.num_samples != PAPER_FID_SAMPLES:
         lines.append(f"note: {fid_count_note(args.num_samples)}")
