@@ -8,12 +8,15 @@
     python eval.py pca --ae ae.pt --data /imagenet/val                      # Fig. 11-12, App. G
     python eval.py pca-sit --ckpt dit.pt --classes 207 360 387 974          # Fig. 11-12, App. G
     python eval.py tsne --ae ae.pt --data /imagenet/val  # Fig. 4a / 10, App. E; titles from ae.pt.probe.json
+    torchrun --nproc_per_node=8 eval.py sweep --ckpt CKPT --ref VIRTUAL_imagenet256_labeled.npz \
+        --inception pt_inception-2015-12-05-6726825d.pth --steps 5 10 25 --cfg-scales 1 1.5   # Table 2, Fig. 13
+    python eval.py curves runs/svg_xl                                                        # Fig. 14
     python eval.py bench-fid
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
 extraction -> metrics (Frechet distance, Inception Score, precision/recall, PSNR, SSIM)
 -> reference statistics -> reconstruction evaluation -> linear probe -> feature-space
-pictures (PCA maps, t-SNE) -> CLI.
+pictures (PCA maps, t-SNE) -> sweeps and training curves -> CLI.
 
 Conventions, stated once here:
 - The Inception network is pytorch-fid's port of the 2015 TensorFlow FID graph
@@ -29,6 +32,8 @@ Conventions, stated once here:
 - Inception Score: 10 contiguous, unshuffled splits (= ADM's 5000-image chunks at 50k).
 - Linear probe: the spatial mean of the SVG feature map (mean-pooled patch tokens), DINO-only
   = its first dino_dim channels, SVG = all channels; no CLS token, as SVG has none.
+- FID-N names its sample count: FID-10K and the like are biased upward against FID-50K and
+  are not comparable with the paper's numbers (sweeps and train_dit.py's online FID).
 - gFID uses ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`, mu/sigma computed
   by the TF evaluator on ImageNet train). rFID uses the 256x256 ADM centre crops of the
   validation images as reference, never the VIRTUAL batch.
@@ -51,6 +56,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import sample
 import svg
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -60,6 +66,9 @@ INCEPTION_RESIZE = "bilinear to 299x299, align_corners=False, no antialias, befo
 IS_SPLITS = 10  # Inception Score splits (Salimans et al. 2016; ADM: 5000-image chunks of 50k)
 PROBE_LR, PROBE_WEIGHT_DECAY = 5e-4, 1e-2  # App. B linear classifier, AdamW
 PR_NEIGHBOURS = 3  # k of the improved precision/recall manifolds (Kynkaanniemi et al. 2019, ADM)
+PAPER_FID_SAMPLES = 50_000  # FID-50K, every gFID of the paper
+TRAINING_METRICS = "metrics.jsonl"  # train_dit.py's machine-readable log next to log.txt (Fig. 14)
+PLOT_HINT = 'the sweep and curve PNGs need matplotlib: pip install -e ".[toy]"  (or: pip install matplotlib)'
 
 
 # ----------------------------------------------------------------------------------
@@ -486,6 +495,22 @@ def inception_score(logits, splits=IS_SPLITS):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def generation_metrics(pool3, logits, ref, device="cpu", fid_method="eigh"):
+    """(FID against ref's mu / sigma, IS mean, IS std) of samples' pool3 [N, 2048] and logits [N, 1008]."""
+    fid = frechet_distance(*feature_statistics(pool3, device), ref["mu"], ref["sigma"], method=fid_method)
+    return (fid, *inception_score(logits))
+
+
+def fid_name(n):
+    """FID-50K, FID-10K, FID-20: the metric's name carries its sample count."""
+    return f"FID-{n // 1000}K" if n % 1000 == 0 else f"FID-{n}"
+
+
+def fid_count_note(n):
+    return (f"{fid_name(n)} is not comparable with the paper's FID-50K: FID is biased by the sample count "
+            f"(upward for fewer samples); compare it only with {fid_name(n)} against the same reference")
+
+
 def pairwise_sq_dists(a, b):
     """Squared Euclidean distances [Na, Nb] of rows of a [Na, D] and b [Nb, D]."""
     d = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T  # [Na, Nb]
@@ -873,6 +898,150 @@ def plot_tsne(panels, labels, path):
 
 
 # ----------------------------------------------------------------------------------
+# Sweeps and training curves (Table 2, Fig. 13, Fig. 14): `sample.py export` in memory
+# ----------------------------------------------------------------------------------
+@torch.no_grad()
+def score_generator(gen, sampler, inception, ref, dist, batch_size=100, fid_method="eigh"):
+    """FID / IS of the samples `sample.py export` would write with settings `sampler`
+    (sample.export_config), made in memory and scored as `eval.py fid` scores the npz.
+
+    Each rank makes its export shards (sample.export_in_memory: same noise, labels, ODE,
+    decode and uint8 quantisation), runs them through the Inception network in fp32, and
+    rank 0 gathers the features back in sample order. The precision switch is the one each
+    script sets: the sampler's for sampling, fp32 for Inception. Returns dict on rank 0, else None.
+    """
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # restored at the end
+    bar = tqdm(total=sampler.num_samples, desc=f"{fid_name(sampler.num_samples)} samples", unit="img",
+               disable=not dist.is_main)
+    shards, parts = sample.export_in_memory(gen, sampler, dist, bar), []
+    while True:
+        svg.setup_precision(sampler.precision)  # as `sample.py export` runs
+        item = next(shards, None)
+        if item is None:
+            break
+        ids, images = item  # [n], uint8 [n, H, W, 3]
+        svg.setup_precision("fp32")  # as `eval.py fid` runs
+        for i in range(0, len(ids), batch_size):
+            x = images[i:i + batch_size].permute(0, 3, 1, 2).contiguous()  # [b, 3, H, W] uint8, as NpzImages
+            p, l = inception(x.to(dist.device))
+            parts.append((ids[i:i + batch_size], p.float().cpu(), l.float().cpu()))
+    bar.close()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    parts = [part for rank_parts in dist.all_gather_object(parts) for part in rank_parts]
+    if not dist.is_main:
+        return None
+    order = torch.tensor([i for ids, _, _ in parts for i in ids]).argsort()  # back to sample order
+    pool3 = torch.cat([p for _, p, _ in parts])[order]  # [N, 2048]
+    logits = torch.cat([l for _, _, l in parts])[order]  # [N, 1008]
+    fid, is_mean, is_std = generation_metrics(pool3, logits, ref, dist.device, fid_method)
+    return dict(fid=fid, inception_score=is_mean, inception_score_std=is_std, num_samples=len(pool3),
+                metric=fid_name(len(pool3)))
+
+
+def pyplot():
+    """matplotlib.pyplot (Agg), or an ImportError that says how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(PLOT_HINT) from e
+    return plt
+
+
+def model_name(model):
+    """Table 2's "Method" and "#Params" of a SiT: SVG-<preset> (SVG-XL, SVG-B, ...) and e.g. "675M"."""
+    cfg = model.cfg
+    name = next((k.replace("SiT", "SVG") for k, p in svg.SIT_PRESETS.items()
+                 if (p.hidden_size, p.depth, p.num_heads) == (cfg.hidden_size, cfg.depth, cfg.num_heads)), "SVG")
+    n = sum(p.numel() for p in model.parameters())
+    return name, f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"
+
+
+def cfg_label(w):
+    return "w/o CFG" if w == 1 else f"w/ CFG {w:g}"
+
+
+def sweep_tables(rows, method, params, metric):
+    """Markdown: Table 2 (rows: steps; columns: FID per guidance scale) and Fig. 13's numbers
+    (rows: guidance scale; columns: FID and IS per step count)."""
+    steps = sorted({r["steps"] for r in rows})
+    scales = sorted({r["cfg_scale"] for r in rows})
+    cell = {(r["steps"], r["cfg_scale"]): r for r in rows}
+    table2 = [f"| Method | #Params | Steps | {' | '.join(f'{metric} {cfg_label(w)}' for w in scales)} |",
+              "|" + "---|" * (3 + len(scales))]
+    table2 += [f"| {method} | {params} | {n} | " + " | ".join(f"{cell[n, w]['fid']:.2f}" for w in scales) + " |"
+               for n in steps]
+    fig13 = [f"| cfg scale | {' | '.join(f'{metric} ({n} steps) | IS ({n} steps)' for n in steps)} |",
+             "|" + "---|" * (1 + 2 * len(steps))]
+    fig13 += [f"| {w:g} | " + " | ".join(f"{cell[n, w]['fid']:.2f} | {cell[n, w]['inception_score']:.2f}"
+                                          for n in steps) + " |" for w in scales]
+    return table2, fig13
+
+
+def plot_cfg_curve(rows, metric, title, path):
+    """Fig. 13: FID and IS against the guidance scale, one line per step count."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for n in sorted({r["steps"] for r in rows}):
+        line = sorted((r["cfg_scale"], r["fid"], r["inception_score"]) for r in rows if r["steps"] == n)
+        w, fid, score = zip(*line)
+        axes[0].plot(w, fid, "o-", label=f"{n} steps")
+        axes[1].plot(w, score, "o-", label=f"{n} steps")
+    for ax, ylabel in zip(axes, (metric, "Inception Score")):
+        ax.set_xlabel("guidance scale w")
+        ax.set_ylabel(ylabel)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_training_metrics(path):
+    """train_dit.py's metrics.jsonl (a run folder or the file) -> (loss records, FID records),
+    each sorted by step; a step logged twice (a resumed run) keeps its last record."""
+    if os.path.isdir(path):
+        path = os.path.join(path, TRAINING_METRICS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: train_dit.py writes {TRAINING_METRICS} next to log.txt "
+                                "(FID records only with --fid-every)")
+    loss, fid = {}, {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            (fid if "fid" in record else loss)[record["step"]] = record
+    return [loss[k] for k in sorted(loss)], [fid[k] for k in sorted(fid)]
+
+
+def plot_training_curves(runs, path):
+    """Fig. 14: training loss and online FID-N against the step, one line per run."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    metrics = set()
+    for name, (loss, fid) in runs.items():
+        axes[0].plot([r["step"] for r in loss], [r["loss"] for r in loss], label=name)
+        if fid:
+            axes[1].plot([r["step"] for r in fid], [r["fid"] for r in fid], "o-", label=name)
+            metrics |= {r["metric"] for r in fid}
+    axes[0].set_ylabel("flow-matching loss")
+    axes[1].set_ylabel(" / ".join(sorted(metrics)) + " (EMA)" if metrics else "no FID records (--fid-every)")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if metrics - {fid_name(PAPER_FID_SAMPLES)}:
+        axes[1].set_title("not comparable with FID-50K", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
 def network_note(inception):
@@ -903,8 +1072,7 @@ def run_fid(args, dist):
     if not dist.is_main:
         return
     n, net = len(samples), network_note(inception)
-    fid = frechet_distance(*feature_statistics(pool3, dist.device), ref["mu"], ref["sigma"], method=args.fid_method)
-    is_mean, is_std = inception_score(logits)
+    fid, is_mean, is_std = generation_metrics(pool3, logits, ref, dist.device, args.fid_method)
     results = dict(fid=fid, inception_score=is_mean, inception_score_std=is_std, num_samples=n,
                    samples=args.samples, reference=ref["source"], network=inception.weights_name,
                    resize=INCEPTION_RESIZE, fid_method=args.fid_method,
@@ -921,8 +1089,8 @@ def run_fid(args, dist):
     else:
         lines.append(f"precision/recall skipped: {args.ref} holds no images (arr_0)")
     check_finite_metrics(results)
-    if n != 50000:
-        lines.append(f"note: FID-{n} is not comparable to the paper's FID-50K")
+    if n != PAPER_FID_SAMPLES:
+        lines.append(f"note: {fid_count_note(n)}")
     write_results(results, lines, args.out or args.samples.rstrip(os.sep) + ".fid.json", dist)
 
 
@@ -1081,6 +1249,64 @@ def run_tsne(args, dist):
     write_results(results, lines, os.path.splitext(out)[0] + ".json", dist)
 
 
+def run_sweep(args, dist):
+    """Table 2 (few-step generation, model scaling) and Fig. 13 (CFG): FID / IS of one checkpoint
+    at each step count x guidance scale, `sample.py export`'s samples made in memory, against one
+    reference statistics pass."""
+    out = args.out or args.ckpt + ".sweep"
+    if len(args.cfg_scales) > 1:
+        pyplot()  # fail before sampling, not after (on every rank: none starts alone)
+    gen = sample.load_gen(args.ckpt, args.ae, args.stats, dist.device)
+    inception = load_inception(args.inception).to(dist.device)
+    ref = reference_statistics(args.ref, inception, dist, args.batch_size, args.num_workers, need_features=False)
+    method, params = model_name(gen.model)
+    metric = fid_name(args.num_samples)
+    rows = []
+    for steps in args.steps:
+        for w in args.cfg_scales:
+            # App. A: the guided setting adds CFG-Zero*'s zero-init; w = 1 is export's plain default
+            zero_init = args.zero_init_steps if w != 1 else 0
+            sampler = sample.export_config(args.sampler_args, num_samples=args.num_samples, steps=steps,
+                                           cfg_scale=w, zero_init_steps=zero_init)
+            r = score_generator(gen, sampler, inception, ref, dist, args.batch_size, args.fid_method)
+            if dist.is_main:
+                rows.append(dict(r, steps=steps, cfg_scale=w, zero_init_steps=zero_init,
+                                 sampler=sample.in_process_settings(sampler)))
+                print(f"{steps} steps, cfg {w:g} (zero-init {zero_init}): {metric} {r['fid']:.4f}, "
+                      f"IS {r['inception_score']:.3f}")
+    if not dist.is_main:
+        return
+    table2, fig13 = sweep_tables(rows, method, params, metric)
+    export = " ".join(["sample.py export", args.sampler_args]).strip()
+    source = (f"{args.ckpt}, {metric} vs {ref['source']}; {network_note(inception)}; other sampler settings: "
+              f"`{export}`'s defaults")
+    lines = [f"Table 2 layout: {source}", *table2, "", "Fig. 13 (FID / IS against the guidance scale):", *fig13]
+    if args.num_samples != PAPER_FID_SAMPLES:
+        lines.append(f"note: {fid_count_note(args.num_samples)}")
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if len(args.cfg_scales) > 1:
+        plot_cfg_curve(rows, metric, f"Fig. 13: {method}, {metric}, {os.path.basename(args.ckpt)}", out + ".png")
+        lines.append(f"wrote {out}.png")
+    results = dict(rows=rows, checkpoint=args.ckpt, method=method, params=params, reference=ref["source"],
+                   network=inception.weights_name, resize=INCEPTION_RESIZE, fid_method=args.fid_method)
+    write_results(results, lines + [f"wrote {out}.md"], out + ".json", dist)
+
+
+def run_curves(args):
+    """Fig. 14: training loss and online FID-N against the step from train_dit.py's metrics.jsonl."""
+    pyplot()
+    runs = {os.path.basename(os.path.normpath(p)): read_training_metrics(p) for p in args.runs}
+    plot_training_curves(runs, args.out)
+    for name, (loss, fid) in runs.items():
+        last = f"last loss {loss[-1]['loss']:.4f} at step {loss[-1]['step']}" if loss else "no loss records"
+        best = min(fid, key=lambda r: r["fid"]) if fid else None
+        print(f"{name}: {last}" + (f"; best {best['metric']} {best['fid']:.2f} at step {best['step']}" if best else ""))
+        if fid and fid[0]["num_samples"] != PAPER_FID_SAMPLES:
+            print(f"  note: {fid_count_note(fid[0]['num_samples'])}")
+    print(f"wrote {args.out}")
+
+
 def run_bench_fid(args):
     """Time the FID statistics and the matrix square root step (eigh form vs scipy sqrtm)."""
     rng = np.random.default_rng(args.seed)
@@ -1186,6 +1412,33 @@ def main():
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("sweep", help="Table 2 / Fig. 13: FID / IS of a checkpoint over step counts and "
+                                     "guidance scales (one reference pass), table + PNG")
+    p.add_argument("--out", default=None, help="output prefix for .json, .md, .png (default: <ckpt>.sweep)")
+    p.add_argument("--num-workers", type=int, default=4, help="loader workers of the reference pass")
+    p.add_argument("--ckpt", required=True, help="stage-2 checkpoint (train_dit.py, or the official SVG-XL .pt)")
+    p.add_argument("--ae", default=None, help="official SVG-XL only: its autoencoder .ckpt")
+    p.add_argument("--stats", default=None, help="official SVG-XL only: dinov3_sp_stats.pt")
+    p.add_argument("--ref", required=True, help="VIRTUAL_imagenet256_labeled.npz, or an .npz / folder of images")
+    p.add_argument("--inception", required=True, help=f"path to {INCEPTION_FILE}")
+    p.add_argument("--steps", type=svg.positive_int, nargs="+", default=[5, 10, 25],
+                   help="Euler step counts (Table 2: 5, 10, 25)")
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[1.0, 1.5],
+                   help="guidance scales; 1 = w/o CFG (Table 2: 1 and 1.5; Fig. 13: a range)")
+    p.add_argument("--zero-init-steps", type=int, default=1,
+                   help="CFG-Zero* zero-init steps of the guided runs (App. A: 1 with cfg 1.5); cfg 1 uses 0")
+    p.add_argument("--num-samples", type=svg.positive_int, default=PAPER_FID_SAMPLES,
+                   help=f"samples per setting (FID-50K in the paper; >= {IS_SPLITS} for the IS splits)")
+    p.add_argument("--sampler-args", default="",
+                   help='other `sample.py export` flags, e.g. "--batch-size 250 --precision bf16" (default: '
+                        "export's defaults: shift 1/0.15, Euler, balanced labels, seed 0)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per Inception batch per rank")
+    p.add_argument("--fid-method", choices=["eigh", "sqrtm"], default="eigh")
+
+    p = sub.add_parser("curves", help="Fig. 14: training loss and online FID against the step (PNG)")
+    p.add_argument("runs", nargs="+", help="train_dit.py output folders (or their metrics.jsonl)")
+    p.add_argument("--out", default="training_curves.png", help="output PNG")
+
     p = sub.add_parser("bench-fid", help="time the FID statistics and matrix square root on random features")
     p.add_argument("--num", type=int, default=50000, help="feature vectors per set")
     p.add_argument("--dim", type=int, default=2048)
@@ -1194,10 +1447,15 @@ def main():
 
     if args.command == "bench-fid":
         return run_bench_fid(args)
+    if args.command == "curves":
+        return run_curves(args)
+    if args.command == "sweep" and args.num_samples < IS_SPLITS:
+        parser.error(f"--num-samples {args.num_samples}: the Inception Score needs at least {IS_SPLITS} samples")
     dist = svg.init_distributed()
-    svg.setup_precision("fp32" if args.command == "fid" else args.precision)  # fid: exact fp32
+    svg.setup_precision(args.precision if args.command in ("recon", "probe", "pca", "pca-sit", "tsne")
+                        else "fp32")  # fid and sweep: exact fp32
     {"fid": run_fid, "recon": run_recon, "probe": run_probe, "pca": run_pca, "pca-sit": run_pca_sit,
-     "tsne": run_tsne}[args.command](args, dist)
+     "tsne": run_tsne, "sweep": run_sweep}[args.command](args, dist)
     dist.close()
 
 

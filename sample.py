@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 from types import SimpleNamespace
 
 import numpy as np
@@ -97,6 +98,12 @@ def feature_shape(gen):
     return (cfg.in_channels, cfg.input_size, cfg.input_size)  # [C, h, w] the SiT generates
 
 
+def load_gen(ckpt, ae, stats, device, trust_pickle=False):
+    """The generator every subcommand samples from: EMA SiT, feature stats, autoencoder on `device`."""
+    model, stats, ae = svg.load_generator(ckpt, ae=ae, stats=stats, trust_pickle=trust_pickle)  # EMA SiT, frozen, CPU
+    return SimpleNamespace(model=model.to(device), stats=stats, ae=ae.to(device), num_classes=model.cfg.num_classes)
+
+
 # ----------------------------------------------------------------------------------
 # grid: Fig. 2 / App. I style class grids
 # ----------------------------------------------------------------------------------
@@ -157,6 +164,56 @@ def merge_shards(out_dir, num_shards, settings):
     return path
 
 
+def shard_ids(k, args):
+    """Global sample ids of shard k: [k S, min((k + 1) S, N))."""
+    return list(range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)))
+
+
+def export_images(gen, ids, labels, args, device, bar=None):
+    """The export's samples `ids` -> uint8 [n, H, W, 3] on the CPU: noise seeded by (seed, i),
+    label labels[i], the ODE, decode, svg.to_uint8. The one sampling path behind `export`,
+    eval.py sweep (Table 2, Fig. 13) and train_dit.py's online FID (Fig. 14)."""
+    noise = sample_noise(ids, feature_shape(gen), args.seed)  # [n, C, h, w]
+    images = generate(gen, noise, labels[ids], args, device, bar)  # [n, 3, H, W] in [-1, 1]
+    return svg.to_uint8(images).permute(0, 2, 3, 1).cpu()  # [n, H, W, 3] uint8
+
+
+def export_in_memory(gen, args, dist, bar=None):
+    """What `export` would write, without files: yields (ids, uint8 [n, H, W, 3]) for this rank's
+    shards (round robin, batched within each shard as `export` batches them)."""
+    labels = export_labels(args.num_samples, gen.num_classes, args.labels, args.seed)  # [N]
+    for k in range(math.ceil(args.num_samples / args.shard_size))[dist.rank::dist.world_size]:
+        ids = shard_ids(k, args)
+        yield ids, export_images(gen, ids, labels, args, dist.device, bar)
+
+
+# Flags an in-process export does not take: the caller owns the checkpoint, files and sharding.
+IN_PROCESS_FIXED = ("--ckpt", "--ae", "--stats", "--out-dir", "--max-shards")
+
+
+def export_config(flags="", **fixed):
+    """`sample.py export`'s settings as parsed from `flags` (a string of its command-line flags;
+    unset ones keep export's defaults), then `fixed` set by the caller (eval.py sweep,
+    train_dit.py --fid-every). The same parser, so in-process samples are the export's."""
+    argv = shlex.split(flags)
+    owned = set(IN_PROCESS_FIXED) | {"--" + k.replace("_", "-") for k in fixed}
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    taken = sorted(o for o in owned if any(o.startswith(g) for g in given))  # argparse takes prefixes too
+    if taken:
+        raise ValueError(f"sampler flags {taken} are set by this command, not in the `sample.py export` flags "
+                         f"{flags!r}: drop them there")
+    args = parse_args(["export", "--ckpt", "-", "--out-dir", "-", *argv])
+    for k, v in fixed.items():
+        setattr(args, k, v)
+    return args
+
+
+def in_process_settings(args):
+    """An export_config's sampler settings (everything but the fixed files), for logs and tables."""
+    skip = {f[2:].replace("-", "_") for f in IN_PROCESS_FIXED} | {"command"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in skip}
+
+
 def run_export(args, gen, dist):
     settings = export_settings(args)
     check_or_write_settings(args.out_dir, settings, dist)
@@ -176,10 +233,8 @@ def run_export(args, gen, dist):
               f"on {dist.world_size} rank(s) -> {args.out_dir}")
     bar = tqdm(total=n_todo, desc="export (rank 0)", disable=not dist.is_main, unit="img")
     for k in todo:
-        ids = list(range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)))
-        noise = sample_noise(ids, feature_shape(gen), args.seed)  # [n, C, h, w]
-        images = generate(gen, noise, labels[ids], args, dist.device, bar)  # [n, 3, H, W] in [-1, 1]
-        images = svg.to_uint8(images).permute(0, 2, 3, 1).cpu()  # [n, H, W, 3] uint8
+        ids = shard_ids(k, args)
+        images = export_images(gen, ids, labels, args, dist.device, bar)  # [n, H, W, 3] uint8
         svg.atomic_save({"images": images, "labels": labels[ids], "start": ids[0]}, shard_path(args.out_dir, k))
     bar.close()
     dist.barrier()
@@ -335,10 +390,7 @@ def main(argv=None):
         raise ValueError(f"only `export` runs across ranks: run `python sample.py {args.command} ...`")
     svg.setup_precision(args.precision)
     # No global seed: every random draw comes from a generator seeded with (seed, sample id).
-    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats,  # EMA SiT, frozen, CPU
-                                          trust_pickle=args.trust_pickle)
-    gen = SimpleNamespace(model=model.to(dist.device), stats=stats, ae=ae.to(dist.device),
-                          num_classes=model.cfg.num_classes)
+    gen = load_gen(args.ckpt, args.ae, args.stats, dist.device, args.trust_pickle)
     {"grid": run_grid, "export": run_export, "interp": run_interp, "edit": run_edit}[args.command](args, gen, dist)
     dist.close()
 

@@ -13,11 +13,21 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py --preset paper --cache /cache/in256 --ae ae.pt --out runs/svg_xl
     # CPU, minutes: synthetic images and a tiny stage-1 checkpoint
     python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0000300.pt --out runs/dit_tiny
+    # Fig. 14: also score the EMA model every 10K steps on FID-10K (not comparable with FID-50K)
+    torchrun --nproc_per_node=8 train_dit.py ... --fid-every 10000 --fid-ref VIRTUAL_imagenet256_labeled.npz \
+        --fid-inception pt_inception-2015-12-05-6726825d.pth
 
 Randomness: horizontal flips are part of the dataset (item k = image k mod N, flipped when
 k >= N), and the noise, time and label dropout of a step are drawn for the whole global
 batch from a generator seeded by (seed, step), each rank taking its samples' rows. So a
 run does not depend on the number of GPUs, and resuming needs no generator state.
+
+Logs: log.txt (text) and metrics.jsonl (one json record per line: the loss at each log step,
+the online FID with --fid-every), which `python eval.py curves <out>` plots (Fig. 14). The
+online FID-N is exactly what `sample.py export --num-samples N <--fid-sampler-args>` of that
+step's checkpoint followed by `eval.py fid` reports: the same in-memory export (sample.py),
+the same Inception pass (eval.py). FID-N for N < 50K is biased upward and is not comparable
+with the paper's FID-50K.
 """
 
 import argparse
@@ -28,6 +38,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,6 +46,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+import eval as ev
+import sample
 import svg
 
 NO_BAD_STEP = 2**62  # "no non-finite loss yet" in the device-side NaN tracker
@@ -77,8 +90,27 @@ def parse_args(argv=None):
                                     '(fresh if none)')
     p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fid-every", type=int, help="Fig. 14: every K steps (and at the end) score the EMA model on "
+                   "FID-N, IS, logged to metrics.jsonl; needs --fid-ref and --fid-inception")
+    p.add_argument("--fid-samples", type=int, default=10_000, help="N of the online FID-N (default FID-10K: NOT "
+                   "comparable with the paper's FID-50K, which `sample.py export` + `eval.py fid` compute)")
+    p.add_argument("--fid-ref", help="online FID reference: VIRTUAL_imagenet256_labeled.npz, or an .npz / image folder")
+    p.add_argument("--fid-inception", help=f"online FID network: path to {ev.INCEPTION_FILE}")
+    p.add_argument("--fid-sampler-args", default="", help='`sample.py export` flags of the online samples, e.g. '
+                   '"--cfg-scale 1.5 --zero-init-steps 1" (default: export\'s: 25 Euler steps, cfg 1, balanced '
+                   "labels, seed 0); the online number is that export's `eval.py fid`")
     args = p.parse_args(argv)
     svg.apply_preset(args, PRESETS[args.preset])
+    if args.fid_every is not None:
+        if args.fid_every < 1 or args.fid_ref is None or args.fid_inception is None:
+            p.error("--fid-every K needs K >= 1, --fid-ref (reference .npz or images) and --fid-inception "
+                    f"({ev.INCEPTION_FILE})")
+        if args.fid_samples < ev.IS_SPLITS:
+            p.error(f"--fid-samples {args.fid_samples}: the Inception Score needs at least {ev.IS_SPLITS} samples")
+        try:
+            sample.export_config(args.fid_sampler_args, num_samples=args.fid_samples)
+        except (ValueError, SystemExit) as e:
+            p.error(f"--fid-sampler-args {args.fid_sampler_args!r} are not valid `sample.py export` flags ({e})")
     if args.ae is None:
         p.error("--ae is required: the stage-1 autoencoder checkpoint the features come from (train_ae.py output "
                 "or the official SVG autoencoder .ckpt). The official release never loads it and trains on a "
@@ -261,6 +293,11 @@ def main(argv=None):
             with open(os.path.join(args.out, "log.txt"), "a") as f:
                 f.write(msg + "\n")
 
+    def log_metrics(**record):  # metrics.jsonl next to log.txt: `eval.py curves` plots it (Fig. 14)
+        if dist.is_main:
+            with open(os.path.join(args.out, ev.TRAINING_METRICS), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     fresh = args.resume is None and not args.extract  # --extract writes no checkpoints
     lock = svg.claim_output(args.out, fresh, args.overwrite, log) if dist.is_main else None  # refuses a used --out
 
@@ -350,6 +387,18 @@ def main(argv=None):
     del ckpt
     raw.train()
 
+    # ---------------------------------------------------------------- online FID (Fig. 14), optional
+    if args.fid_every is not None:
+        fid_sampler = sample.export_config(args.fid_sampler_args, num_samples=args.fid_samples)
+        inception = ev.load_inception(args.fid_inception).to(device)
+        fid_ref = ev.reference_statistics(args.fid_ref, inception, dist, num_workers=args.num_workers,
+                                          need_features=False)
+        fid_gen = SimpleNamespace(model=ema, stats=svg.load_feature_stats(stats, C), ae=ae.to(device),
+                                  num_classes=cfg.num_classes)  # what sample.load_gen rebuilds from a checkpoint
+        export = " ".join(["sample.py export --num-samples", str(args.fid_samples), args.fid_sampler_args]).strip()
+        log(f"online {ev.fid_name(args.fid_samples)} every {args.fid_every} steps: EMA model, `{export}` samples "
+            f"scored by `eval.py fid` vs {fid_ref['source']}. Note: {ev.fid_count_note(args.fid_samples)}")
+
     # ---------------------------------------------------------------- training loop
     def batches():
         while True:
@@ -418,6 +467,7 @@ def main(argv=None):
             log(f"step {step:7d} | loss {mean_loss:.4f} | {window_steps / elapsed:.2f} steps/s | "
                 f"{window_steps * local_batch / elapsed:.1f} img/s per process"
                 + (svg.skipped_note(images) if args.cache is None else ""))
+            log_metrics(step=step, loss=mean_loss, steps_per_s=window_steps / elapsed)
             loss_sum.zero_()
             window_start, window_steps = time.time(), 0
         if step % args.ckpt_every == 0 or step == args.steps:
@@ -430,6 +480,15 @@ def main(argv=None):
                     "args": vars(args),
                 }, last_ckpt)
                 log(f"saved {last_ckpt}")
+        if args.fid_every is not None and (step % args.fid_every == 0 or step == args.steps):
+            t0 = time.time()
+            r = ev.score_generator(fid_gen, fid_sampler, inception, fid_ref, dist)
+            if dist.is_main:
+                log(f"step {step:7d} | {r['metric']} {r['fid']:.4f} | IS {r['inception_score']:.3f} "
+                    f"(EMA, online, {time.time() - t0:.0f} s)")
+                log_metrics(step=step, **r, reference=fid_ref["source"],
+                            sampler=sample.in_process_settings(fid_sampler))
+            window_start += time.time() - t0  # the speed log counts training time only
 
     # ---------------------------------------------------------------- teardown
     dist.barrier()
