@@ -5,11 +5,13 @@
     torchrun --nproc_per_node=8 eval.py recon --ae ae.pt --data /imagenet/val \
         --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth --inception pt_inception-2015-12-05-6726825d.pth
     torchrun --nproc_per_node=8 eval.py probe --ae ae.pt --data /imagenet/train --val-data /imagenet/val
+    torchrun --nproc_per_node=8 eval.py calibrate --ae epoch=000040.ckpt --data /imagenet/train --out ae_cal.pt
     python eval.py bench-fid
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
 extraction -> metrics (Frechet distance, Inception Score, precision/recall, PSNR, SSIM)
--> reference statistics -> reconstruction evaluation -> linear probe -> CLI.
+-> reference statistics -> reconstruction evaluation -> linear probe -> CLI (including
+`calibrate`: frozen Eq. (6) statistics for an autoencoder without them).
 
 Conventions, stated once here:
 - The Inception network is pytorch-fid's port of the 2015 TensorFlow FID graph
@@ -23,6 +25,9 @@ Conventions, stated once here:
 - Images that are scored are uint8, as they would be saved to PNG / npz:
   u = round((x + 1) * 127.5) clamped to [0, 255] for x in [-1, 1].
 - Inception Score: 10 contiguous, unshuffled splits (= ADM's 5000-image chunks at 50k).
+- recon / probe encode with the autoencoder's frozen Eq. (6) statistics (--align-stats batch:
+  the official per-batch ones) in training-like batches (svg.training_like_batches), gathered
+  back by index: the numbers do not depend on the world size or the folder's class order.
 - Linear probe: the spatial mean of the SVG feature map (mean-pooled patch tokens), DINO-only
   = its first dino_dim channels, SVG = all channels; no CLS token, as SVG has none.
 - gFID uses ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`, mu/sigma computed

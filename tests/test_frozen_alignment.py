@@ -378,3 +378,29 @@ def test_generator_checkpoint_carries_the_encode_mode(tmp_path):
     ckpt["align_stats"] = "frozen"  # what train_dit.py writes by default
     torch.save(ckpt, path)
     assert svg.load_generator(path)[2].align_stats == "frozen"
+
+
+# ---- stage 1 keeps the statistics; the paper preset trains as the official run did --------------------
+
+def test_train_ae_keeps_running_statistics_and_official_train_mode_settings(tmp_path):
+    import train_ae
+    from test_train_ae import TINY as AE_ARGS
+
+    paper = train_ae.parse_args(["--data", "d", "--dino-weights", "w.pth"])
+    assert paper.lpips_dropout and paper.dino_rope_aug  # what produced the paper's numbers
+    tiny = train_ae.parse_args(["--preset", "tiny"])
+    assert not tiny.lpips_dropout and not tiny.dino_rope_aug
+    off = train_ae.parse_args(["--data", "d", "--dino-weights", "w", "--no-lpips-dropout", "--no-dino-rope-aug"])
+    assert not off.lpips_dropout and not off.dino_rope_aug
+    out = train_ae.main(AE_ARGS + ["--out", str(tmp_path), "--steps", "3", "--grad-accum", "2",
+                                   "--dino-rope-aug", "--lpips-dropout"])
+    ckpt = torch.load(os.path.join(out["out"], "checkpoints", "0000003.pt"), weights_only=True)
+    assert int(ckpt["ae"]["align_tracked"]) == 3 * 2  # one update per micro-batch
+    assert int(ckpt["ae"]["align_batch"]) == 2  # global 4 / 1 rank / 2 micro-batches
+    sigma_r, sigma_d = ckpt["ae"]["align_running"][1::2]
+    assert sigma_r > 0 and sigma_d > 0
+    ae = svg.load_autoencoder(os.path.join(out["out"], "checkpoints", "0000003.pt"))
+    with torch.no_grad():  # frozen by default, and the DINO of the loaded model is in eval
+        x = torch.rand(3, 3, 32, 32) * 2 - 1
+        torch.testing.assert_close(ae.encode(x)[1:2], ae.encode(x[1:2]), atol=1e-5, rtol=1e-5)
+    assert not ae.dino.training
