@@ -27,7 +27,8 @@ Conventions, stated once here:
 - Inception Score: 10 contiguous, unshuffled splits (= ADM's 5000-image chunks at 50k).
 - recon / probe encode with the autoencoder's frozen Eq. (6) statistics (--align-stats batch:
   the official per-batch ones) in training-like batches (svg.training_like_batches), gathered
-  back by index: the numbers do not depend on the world size or the folder's class order.
+  back by index: the numbers do not depend on the world size, and batches never follow the
+  folder's class order.
 - Linear probe: the spatial mean of the SVG feature map (mean-pooled patch tokens), DINO-only
   = its first dino_dim channels, SVG = all channels; no CLS token, as SVG has none.
 - gFID uses ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`, mu/sigma computed
@@ -427,7 +428,7 @@ def gather_rows(parts, index, dist, n):
 def encoder_batches(ae, dataset, dist, batch_size, num_workers, seed=0):
     """(dataset indices [k], images [k, 3, H, W], labels [k]) of this rank's training-like batches
     (svg.training_like_batches; the stage-1 batch size when Eq. (6) uses batch statistics), so
-    every image is encoded in the same batch for any world size and folder order. Each
+    every image is encoded in the same batch for any world size, never in a one-class batch. Each
     batch's images are all encoded; `k` counts those it owns (the last batch wraps around)."""
     batches = svg.training_like_batches(len(dataset), ae.encode_batch_size(batch_size), dist, seed)
     data = torch.utils.data.DataLoader(dataset, batch_sampler=[b for b, _ in batches], num_workers=num_workers)
@@ -849,7 +850,7 @@ def run_calibrate(args, dist):
     names = ("mu_R", "sigma_R", "mu_D", "sigma_D")
     lines = [f"Eq. (6) statistics from {r['batches']} batches of {r['batch_size']} images of {args.data} (seed "
              f"{args.seed}): " + ", ".join(f"{k} {v:.5f}" for k, v in zip(names, r["stats"])),
-             "one batch's statistics stray from these by (std / |mean| over batches) "
+             "one batch's statistics stray from these by (std over batches / the matching sigma) "
              + ", ".join(f"{k} {v:.2%}" for k, v in zip(names, r["spread"])),
              f"wrote {args.out}: encodes with these frozen statistics by default"]
     write_results(dict(r, source=args.ae, data=args.data, out=args.out), lines,

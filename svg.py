@@ -487,7 +487,7 @@ class ResidualEncoder(nn.Module):
 
 
 ALIGN_STATS_MODES = ("frozen", "batch")  # where Eq. (6) statistics come from outside stage-1 training
-ALIGN_MOMENTUM = 0.01  # running average of the Eq. (6) statistics during stage 1 (as BatchNorm's, ~100 steps)
+ALIGN_MOMENTUM = 0.1  # running average of the Eq. (6) statistics during stage 1 (BatchNorm's default)
 STAGE1_BATCH = 64  # official stage-1 per-GPU batch: what Eq. (6) batch statistics were taken over
 CALIBRATION_IMAGES = 10_000  # training images for calibrate_alignment
 
@@ -857,8 +857,9 @@ def calibrate_alignment(ae, dataset, num_images=CALIBRATION_IMAGES, batch_size=N
     over a fixed, seeded sample of num_images items ((image, label) pairs) of the training
     set in mixed batches of the stage-1 per-GPU size (ae.align_batch; full batches only),
     in eval mode. Batches are split over ranks (the result does not depend on how many).
-    Sets ae.align_running / ae.align_tracked; returns the statistics and their spread
-    over batches (std / |mean|), i.e. how far one batch's statistics stray from them.
+    Sets ae.align_running / ae.align_tracked; returns the statistics and their spread over
+    batches (std over batches in units of the matching sigma: mu_R and sigma_R / sigma_R,
+    mu_D and sigma_D / sigma_D), i.e. how far one batch's statistics stray from them.
     """
     dist = dist or Dist(device=ae.align_running.device)
     n = min(num_images, len(dataset))
@@ -876,7 +877,7 @@ def calibrate_alignment(ae, dataset, num_images=CALIBRATION_IMAGES, batch_size=N
         sums += torch.stack([s, s * s])
     sums = dist.all_reduce_mean(sums) * dist.world_size
     mean = sums[0] / num
-    spread = (sums[1] / num - mean ** 2).clamp_min(0).sqrt() / mean.abs()
+    spread = (sums[1] / num - mean ** 2).clamp_min(0).sqrt() / mean[[1, 1, 3, 3]]  # in units of sigma
     ae.align_running.copy_(mean.float())
     ae.align_tracked.fill_(num)
     ae.train(training)

@@ -305,7 +305,7 @@ def main(argv=None):
         if ckpt["ae_config"] != dataclasses.asdict(cfg):
             raise ValueError(f"{resume} was trained with AEConfig {ckpt['ae_config']}, this run has "
                              f"{dataclasses.asdict(cfg)}: use the same --preset / --ae-set")
-        load_strict(ae, ckpt["ae"], resume)
+        load_strict(ae, {**ae.alignment_buffers(), **ckpt["ae"]}, resume)  # older files: no running Eq. (6) stats
         disc.load_state_dict(ckpt["disc"])
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_disc.load_state_dict(ckpt["opt_disc"])

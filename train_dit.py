@@ -19,8 +19,8 @@ autoencoder kept in stage 1, so every image gets the same features in any batch,
 the fly; "batch" uses each batch's statistics, as the official code (bit for bit with it). The
 feature statistics pass and --extract encode in training-like batches either way: a seeded
 permutation of the images cut into batches of the stage-1 per-GPU size (the flips as batches
-of their own), assigned to ranks round robin, so features never depend on the folder order
-(one class per batch) or the number of processes.
+of their own), assigned to ranks round robin, so features never follow the folder's class
+order (one class per batch) and do not depend on the number of processes.
 
 Randomness: horizontal flips are part of the dataset (item k = image k mod N, flipped when
 k >= N), and the noise, time and label dropout of a step are drawn for the whole global
