@@ -31,6 +31,9 @@ Conventions, stated once here and used everywhere:
 - Class labels are 0..num_classes-1; the null class for classifier-free guidance is
   the extra embedding row `num_classes` (1000 on ImageNet).
 - Classifier-free guidance acts on all feature channels.
+- Eq. (6) takes the batch's statistics only while stage 1 trains (as the official code) and
+  keeps their running averages; every other encode uses those frozen statistics, so an image
+  gets the same features in any batch (SVGAutoencoder.align; align_stats "batch" = official).
 """
 
 import contextlib
