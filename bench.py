@@ -175,6 +175,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- models (random weights) and inputs
     ae = svg.SVGAutoencoder(svg.AE_PRESETS[args.ae]).to(device).eval().requires_grad_(False)
+    ae.align_stats = "batch"  # random weights have no frozen Eq. (6) statistics; the same cost
     C, grid, size = ae.feature_dim, ae.cfg.image_size // svg.PATCH_SIZE, ae.cfg.image_size
     cfg = svg.SiTConfig(**{**asdict(svg.SIT_PRESETS[args.model]), "in_channels": C, "input_size": grid,
                            "grad_checkpointing": args.checkpointing})

@@ -11,12 +11,14 @@
     torchrun --nproc_per_node=8 eval.py sweep --ckpt CKPT --ref VIRTUAL_imagenet256_labeled.npz \
         --inception pt_inception-2015-12-05-6726825d.pth --steps 5 10 25 --cfg-scales 1 1.5   # Table 2, Fig. 13
     python eval.py curves runs/svg_xl                                                        # Fig. 14
+    torchrun --nproc_per_node=8 eval.py calibrate --ae epoch=000040.ckpt --data /imagenet/train --out ae_cal.pt
     python eval.py bench-fid
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
 extraction -> metrics (Frechet distance, Inception Score, precision/recall, PSNR, SSIM)
 -> reference statistics -> reconstruction evaluation -> linear probe -> feature-space
-pictures (PCA maps, t-SNE) -> sweeps and training curves -> CLI.
+pictures (PCA maps, t-SNE) -> sweeps and training curves -> calibration of frozen Eq. (6)
+statistics (`calibrate`, for an autoencoder without them) -> CLI.
 
 Conventions, stated once here:
 - The Inception network is pytorch-fid's port of the 2015 TensorFlow FID graph
@@ -30,6 +32,10 @@ Conventions, stated once here:
 - Images that are scored are uint8, as they would be saved to PNG / npz:
   u = round((x + 1) * 127.5) clamped to [0, 255] for x in [-1, 1].
 - Inception Score: 10 contiguous, unshuffled splits (= ADM's 5000-image chunks at 50k).
+- recon / probe encode with the autoencoder's frozen Eq. (6) statistics (--align-stats batch:
+  the official per-batch ones) in training-like batches (svg.training_like_batches), gathered
+  back by index: the numbers do not depend on the world size, and batches never follow the
+  folder's class order.
 - Linear probe: the spatial mean of the SVG feature map (mean-pooled patch tokens), DINO-only
   = its first dino_dim channels, SVG = all channels; no CLS token, as SVG has none.
 - FID-N names its sample count: FID-10K and the like are biased upward against FID-50K and
@@ -40,6 +46,7 @@ Conventions, stated once here:
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -65,6 +72,8 @@ INCEPTION_SIZE = 299  # TF FID graph input resolution
 INCEPTION_RESIZE = "bilinear to 299x299, align_corners=False, no antialias, before scaling to [-1, 1] (pytorch-fid)"
 IS_SPLITS = 10  # Inception Score splits (Salimans et al. 2016; ADM: 5000-image chunks of 50k)
 PROBE_LR, PROBE_WEIGHT_DECAY = 5e-4, 1e-2  # App. B linear classifier, AdamW
+ALIGN_STATS_HELP = ("Eq. (6) statistics: the autoencoder's frozen running statistics (default: every image gets "
+                    "the same features in any batch), or each batch's (official), in training-like batches")
 PR_NEIGHBOURS = 3  # k of the improved precision/recall manifolds (Kynkaanniemi et al. 2019, ADM)
 PAPER_FID_SAMPLES = 50_000  # FID-50K, every gFID of the paper
 TRAINING_METRICS = "metrics.jsonl"  # train_dit.py's machine-readable log next to log.txt (Fig. 14)
@@ -403,6 +412,43 @@ def gather_strided(x, dist, n):
     return rows.flatten(0, 1)[:n]  # [n, ...]; padding lands after index n
 
 
+def gather_rows(parts, index, dist, n):
+    """Rows computed on every rank -> [n, ...] in dataset order.
+
+    parts: this rank's list of [k_i, ...] tensors for the dataset items listed in `index`
+    (a list of [k_i] index tensors); any rank may have none.
+    """
+    x = torch.cat(parts) if parts else None
+    idx = torch.cat(index).to(dist.device) if index else None
+    meta = dist.all_gather_object(None if x is None else (len(x), tuple(x.shape[1:]), x.dtype))
+    m, tail, dtype = max(k for k, _, _ in filter(None, meta)), *next(filter(None, meta))[1:]
+    if x is None:
+        x, idx = torch.zeros(0, *tail, dtype=dtype, device=dist.device), torch.zeros(0, dtype=torch.long,
+                                                                                    device=dist.device)
+    if dist.initialized:
+        x = torch.cat([x, x.new_zeros(m - len(x), *tail)])  # [m, ...]; padding rows have index -1
+        idx = torch.cat([idx, idx.new_full((m - len(idx),), -1)])
+        xs, ids = [torch.empty_like(x) for _ in range(dist.world_size)], [torch.empty_like(idx) for _ in meta]
+        torch_dist.all_gather(xs, x.contiguous())
+        torch_dist.all_gather(ids, idx.contiguous())
+        x, idx = torch.cat(xs), torch.cat(ids)
+    keep = idx >= 0
+    out = x.new_zeros(n, *tail)
+    out[idx[keep]] = x[keep]
+    return out
+
+
+def encoder_batches(ae, dataset, dist, batch_size, num_workers, seed=0):
+    """(dataset indices [k], images [k, 3, H, W], labels [k]) of this rank's training-like batches
+    (svg.training_like_batches; the stage-1 batch size when Eq. (6) uses batch statistics), so
+    every image is encoded in the same batch for any world size, never in a one-class batch. Each
+    batch's images are all encoded; `k` counts those it owns (the last batch wraps around)."""
+    batches = svg.training_like_batches(len(dataset), ae.encode_batch_size(batch_size), dist, seed)
+    data = torch.utils.data.DataLoader(dataset, batch_sampler=[b for b, _ in batches], num_workers=num_workers)
+    for (index, keep), (x, y) in zip(batches, data):
+        yield torch.tensor(index[:keep]), x, torch.as_tensor(y), keep
+
+
 def loader(dataset, batch_size, num_workers):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
 
@@ -646,23 +692,26 @@ def evaluate_reconstruction(ae, dataset, inception, lpips, dist, batch_size=32, 
 
     Both originals and reconstructions are quantised to uint8 first (what a PNG would
     hold); PSNR / SSIM / LPIPS are per image, then averaged. rFID compares the
-    Inception statistics of all reconstructions with those of all originals.
+    Inception statistics of all reconstructions with those of all originals. Batches are
+    training-like (encoder_batches): the numbers do not depend on the world size.
     """
-    pool3_x, pool3_rec, per_image = [], [], []
-    batches = loader(rank_slice(dataset, dist), batch_size, num_workers)
-    for x, _ in tqdm(batches, desc="reconstruction", disable=not dist.is_main):
+    pool3_x, pool3_rec, per_image, index = [], [], [], []
+    batches = encoder_batches(ae, dataset, dist, batch_size, num_workers)
+    for idx, x, _, keep in tqdm(batches, desc="reconstruction", disable=not dist.is_main):
         x = x.to(dist.device)
         with svg.autocast(precision, dist.device):
-            rec = ae.decode(ae.encode(x))  # [B, 3, H, W]
+            rec = ae.decode(ae.encode(x))[:keep]  # [k, 3, H, W]
+        x = x[:keep]
+        index.append(idx)
         u_x, u_rec = svg.to_uint8(x), svg.to_uint8(rec)  # [B, 3, H, W] uint8
         pool3_x.append(inception(u_x)[0])
         pool3_rec.append(inception(u_rec)[0])
         lp = lpips(u_x.float() / 127.5 - 1, u_rec.float() / 127.5 - 1)  # [B]
         per_image.append(torch.stack([*psnr_ssim(u_x, u_rec), lp.double()], 1))  # [B, 3]
     n = len(dataset)
-    pool3_x = gather_strided(torch.cat(pool3_x), dist, n).cpu()  # [N, 2048]
-    pool3_rec = gather_strided(torch.cat(pool3_rec), dist, n).cpu()  # [N, 2048]
-    per_image = gather_strided(torch.cat(per_image), dist, n).cpu()  # [N, 3]
+    pool3_x = gather_rows(pool3_x, index, dist, n).cpu()  # [N, 2048]
+    pool3_rec = gather_rows(pool3_rec, index, dist, n).cpu()  # [N, 2048]
+    per_image = gather_rows(per_image, index, dist, n).cpu()  # [N, 3]
     rfid = frechet_distance(*feature_statistics(pool3_x, dist.device), *feature_statistics(pool3_rec, dist.device))
     mean_psnr, mean_ssim, mean_lpips = per_image.mean(0).tolist()
     return dict(rfid=rfid, psnr=mean_psnr, ssim=mean_ssim, lpips=mean_lpips, num_images=n)
@@ -673,16 +722,18 @@ def evaluate_reconstruction(ae, dataset, inception, lpips, dist, batch_size=32, 
 # ----------------------------------------------------------------------------------
 @torch.no_grad()
 def pooled_features(ae, dataset, dist, batch_size=64, num_workers=4, precision="fp32"):
-    """Spatially mean-pooled SVG features [N, C] (DINO channels first) and labels [N]."""
-    feats, labels = [], []
-    batches = loader(rank_slice(dataset, dist), batch_size, num_workers)
-    for x, y in tqdm(batches, desc="probe features", disable=not dist.is_main):
+    """Spatially mean-pooled SVG features [N, C] (DINO channels first) and labels [N], in dataset
+    order, from training-like batches (encoder_batches: independent of the world size)."""
+    feats, labels, index = [], [], []
+    for idx, x, y, keep in tqdm(encoder_batches(ae, dataset, dist, batch_size, num_workers),
+                                desc="probe features", disable=not dist.is_main):
         with svg.autocast(precision, dist.device):
-            z = ae.encode(x.to(dist.device))  # [B, C, h, w]
-        feats.append(z.float().mean((2, 3)))  # [B, C]
-        labels.append(torch.as_tensor(y, device=dist.device))
+            z = ae.encode(x.to(dist.device))[:keep]  # [k, C, h, w]
+        feats.append(z.float().mean((2, 3)))  # [k, C]
+        labels.append(y[:keep].to(dist.device))
+        index.append(idx)
     n = len(dataset)
-    return gather_strided(torch.cat(feats), dist, n), gather_strided(torch.cat(labels), dist, n)
+    return gather_rows(feats, index, dist, n), gather_rows(labels, index, dist, n)
 
 
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=30, batch_size=3072, lr=PROBE_LR,
@@ -1097,6 +1148,7 @@ def run_fid(args, dist):
 def run_recon(args, dist):
     """rFID / PSNR / SSIM / LPIPS of a stage-1 autoencoder on a validation folder."""
     ae = svg.load_autoencoder(args.ae, trust_pickle=args.trust_pickle).to(dist.device)
+    ae.align_stats = args.align_stats
     image_size = args.image_size or ae.cfg.image_size
     dataset = svg.build_dataset(args.data, image_size, on_error="raise")  # ADM centre crop, no flip
     if args.num_images:
@@ -1106,7 +1158,7 @@ def run_recon(args, dist):
     r = evaluate_reconstruction(ae, dataset, inception, lpips, dist, args.batch_size, args.num_workers, args.precision)
     n, net = r["num_images"], network_note(inception)
     ref = f"the {n} ADM centre crops at {image_size}px of {args.data} (not the VIRTUAL gFID batch)"
-    r.update(autoencoder=args.ae, data=args.data, image_size=image_size, reference=ref,
+    r.update(autoencoder=args.ae, data=args.data, image_size=image_size, reference=ref, align_stats=args.align_stats,
              network=inception.weights_name, resize=INCEPTION_RESIZE,
              ssim_convention="RGB per channel, Gaussian 11 / 1.5, valid, data range 255",
              lpips_network="VGG16 + v0.1 heads on uint8-quantised images")
@@ -1121,6 +1173,7 @@ def run_recon(args, dist):
 def run_probe(args, dist):
     """Table 4 classification: linear probes on DINO-only vs SVG features."""
     ae = svg.load_autoencoder(args.ae, trust_pickle=args.trust_pickle).to(dist.device)
+    ae.align_stats = args.align_stats
     image_size = args.image_size or ae.cfg.image_size
     train_set = svg.build_dataset(args.data, image_size, on_error="raise")  # ADM centre crop, no flip
     if args.val_data:
@@ -1134,7 +1187,7 @@ def run_probe(args, dist):
                           args.num_workers, args.precision, args.seed)
     r.update(autoencoder=args.ae, data=args.data, val_data=args.val_data or f"{args.holdout:.0%} held out of --data",
              pooling="spatial mean of the SVG feature map (patch tokens), centre crops, no augmentation",
-             epochs=args.epochs, optimizer=f"AdamW lr {PROBE_LR} wd {PROBE_WEIGHT_DECAY}")
+             epochs=args.epochs, optimizer=f"AdamW lr {PROBE_LR} wd {PROBE_WEIGHT_DECAY}", align_stats=args.align_stats)
     lines = [
         f"linear probe {name}: top-1 {r[name]['top1']:.2f}% top-5 {r[name]['top5']:.2f}% "
         f"({r[name]['channels']} channels, {r['num_train']} train / {r['num_val']} val images, "
@@ -1307,6 +1360,30 @@ def run_curves(args):
     print(f"wrote {args.out}")
 
 
+def run_calibrate(args, dist):
+    """Frozen Eq. (6) statistics for a checkpoint without them (the official .ckpt): a new stage-1 checkpoint."""
+    ckpt = svg.load_checkpoint(args.ae, "--ae", args.trust_pickle)  # the authors' .ckpt or our own file
+    ae = svg.load_autoencoder(ckpt).to(dist.device)
+    if ae.cfg.align != "batch" or ae.residual is None:
+        raise ValueError(f"{args.ae} does not align with batch statistics (align={ae.cfg.align!r}, use_residual="
+                         f"{ae.cfg.use_residual}): it has no Eq. (6) statistics to calibrate")
+    dataset = svg.build_dataset(args.data, ae.cfg.image_size, on_error="raise")  # ADM centre crop, no flip
+    with svg.autocast(args.precision, dist.device):
+        r = svg.calibrate_alignment(ae, dataset, args.num_images, args.batch_size, args.seed, dist, args.num_workers)
+    step = ckpt.get("step", ckpt.get("global_step"))
+    if dist.is_main:
+        svg.atomic_save({"ae_config": dataclasses.asdict(ae.cfg), "ae": {k: v.cpu() for k, v in ae.state_dict().items()},
+                         "step": step, "calibration": dict(r, source=args.ae, data=args.data)}, args.out)
+    names = ("mu_R", "sigma_R", "mu_D", "sigma_D")
+    lines = [f"Eq. (6) statistics from {r['batches']} batches of {r['batch_size']} images of {args.data} (seed "
+             f"{args.seed}): " + ", ".join(f"{k} {v:.5f}" for k, v in zip(names, r["stats"])),
+             "one batch's statistics stray from these by (std over batches / the matching sigma) "
+             + ", ".join(f"{k} {v:.2%}" for k, v in zip(names, r["spread"])),
+             f"wrote {args.out}: encodes with these frozen statistics by default"]
+    write_results(dict(r, source=args.ae, data=args.data, out=args.out), lines,
+                  os.path.splitext(args.out)[0] + ".calibration.json", dist)
+
+
 def run_bench_fid(args):
     """Time the FID statistics and the matrix square root step (eigh form vs scipy sqrtm)."""
     rng = np.random.default_rng(args.seed)
@@ -1355,6 +1432,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32, help="images per batch per rank")
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32",
                    help="autoencoder precision (bf16 autocast); tf32 and bf16 also allow TF32 in Inception and LPIPS")
+    p.add_argument("--align-stats", choices=svg.ALIGN_STATS_MODES, default="frozen", help=ALIGN_STATS_HELP)
 
     p = common(sub.add_parser("probe", help="linear probe top-1/top-5, DINO-only vs SVG features (Table 4)"))
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
@@ -1366,6 +1444,18 @@ def main():
     p.add_argument("--epochs", type=int, default=30, help="App. B: 30")
     p.add_argument("--batch-size", type=int, default=3072, help="classifier batch (App. B: 3072)")
     p.add_argument("--feature-batch-size", type=int, default=64, help="images per encoder batch per rank")
+    p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
+    p.add_argument("--align-stats", choices=svg.ALIGN_STATS_MODES, default="frozen", help=ALIGN_STATS_HELP)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = common(sub.add_parser("calibrate", help="frozen Eq. (6) statistics for an autoencoder without them "
+                                                "(the official .ckpt), written to a new stage-1 checkpoint"))
+    p.add_argument("--ae", required=True, help="official SVG autoencoder .ckpt or train_ae.py checkpoint")
+    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
+    p.add_argument("--data", required=True, help="training images (ImageNet train), or 'synthetic'")
+    p.add_argument("--num-images", type=int, default=svg.CALIBRATION_IMAGES, help="fixed seeded sample of --data")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: the checkpoint's stage-1 per-GPU batch, 64 officially)")
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
     p.add_argument("--seed", type=int, default=0)
 
@@ -1452,10 +1542,9 @@ def main():
     if args.command == "sweep" and args.num_samples < IS_SPLITS:
         parser.error(f"--num-samples {args.num_samples}: the Inception Score needs at least {IS_SPLITS} samples")
     dist = svg.init_distributed()
-    svg.setup_precision(args.precision if args.command in ("recon", "probe", "pca", "pca-sit", "tsne")
-                        else "fp32")  # fid and sweep: exact fp32
+    svg.setup_precision("fp32" if args.command in ("fid", "sweep") else args.precision)  # FID: exact fp32
     {"fid": run_fid, "recon": run_recon, "probe": run_probe, "pca": run_pca, "pca-sit": run_pca_sit,
-     "tsne": run_tsne, "sweep": run_sweep}[args.command](args, dist)
+     "tsne": run_tsne, "sweep": run_sweep, "calibrate": run_calibrate}[args.command](args, dist)
     dist.close()
 
 

@@ -31,6 +31,9 @@ Conventions, stated once here and used everywhere:
 - Class labels are 0..num_classes-1; the null class for classifier-free guidance is
   the extra embedding row `num_classes` (1000 on ImageNet).
 - Classifier-free guidance acts on all feature channels.
+- Eq. (6) takes the batch's statistics only while stage 1 trains (as the official code) and
+  keeps their running averages; every other encode uses those frozen statistics, so an image
+  gets the same features in any batch (SVGAutoencoder.align; align_stats "batch" = official).
 """
 
 import argparse
@@ -155,24 +158,44 @@ def rope_apply(x, sin, cos):
 
 
 class RopePositionEmbedding(nn.Module):
-    """DINOv3 2D axial RoPE: sin/cos tables for an h x w patch grid ('separate' coords)."""
+    """DINOv3 2D axial RoPE: sin/cos tables for an h x w patch grid ('separate' coords).
 
-    def __init__(self, head_dim, base=100.0):
+    Train mode only (as in DINOv3): coordinate augmentation, each a fresh draw per call from
+    the global torch RNG: shift adds U(-shift, shift) per axis, jitter multiplies each axis
+    by a log-uniform factor in [1/jitter, jitter], rescale multiplies both axes by one
+    log-uniform factor in [1/rescale, rescale]. None disables one; eval mode never augments.
+    """
+
+    def __init__(self, head_dim, base=100.0, shift_coords=None, jitter_coords=None, rescale_coords=None):
         super().__init__()
         k = torch.arange(head_dim // 4, dtype=torch.float32)
         periods = base ** (2 * k / (head_dim // 2))  # 100**(k/16) for head_dim 64
         # The released checkpoints store periods in bf16; rounding here makes a fresh model
         # equal the released one. load_state_dict overwrites it from the file anyway.
         self.register_buffer("periods", periods.to(torch.bfloat16).float(), persistent=True)
+        self.shift_coords, self.jitter_coords, self.rescale_coords = shift_coords, jitter_coords, rescale_coords
+
+    def augment(self, coords):
+        """DINOv3's train-time shift, jitter and rescale of [hw, 2] coordinates (in this order)."""
+        dev = coords.device
+        if self.shift_coords is not None:
+            coords = coords + torch.empty(2, device=dev).uniform_(-self.shift_coords, self.shift_coords)
+        if self.jitter_coords is not None:
+            lim = math.log(self.jitter_coords)
+            coords = coords * torch.empty(2, device=dev).uniform_(-lim, lim).exp()  # per axis
+        if self.rescale_coords is not None:
+            lim = math.log(self.rescale_coords)
+            coords = coords * torch.empty(1, device=dev).uniform_(-lim, lim).exp()  # both axes
+        return coords
 
     def forward(self, h, w):
-        # No training-time augmentation (shift / jitter / coordinate rescale) exists here: the
-        # official model applies a random rescale in train mode; DINO is frozen, so we never do.
         dev = self.periods.device
         coords_h = torch.arange(0.5, h, device=dev, dtype=torch.float32) / h
         coords_w = torch.arange(0.5, w, device=dev, dtype=torch.float32) / w
         coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), -1)  # [h, w, 2]
         coords = 2.0 * coords.flatten(0, 1) - 1.0  # [hw, 2] (y, x) in (-1, 1)
+        if self.training:  # frozen DINO stays in eval unless stage 1 asks (train_ae --dino-rope-aug)
+            coords = self.augment(coords)
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]  # [hw, 2, D/4]
         angles = angles.flatten(1, 2).tile(2)  # [hw, D]: [y, x, y, x] blocks
         return torch.sin(angles), torch.cos(angles)
@@ -237,6 +260,7 @@ class PatchEmbed(nn.Module):
 # DINOv3 ViT: the frozen semantic encoder F_D (Sec. 3.3, Fig. 3)
 # ----------------------------------------------------------------------------------
 DINOV3_ARCHS = {  # dinov3/hub/backbones.py; all: patch 16, 4 registers, RoPE base 100, LN eps 1e-5
+    # (RoPE train-time augmentation of the LVD-1689M backbones: shift None, jitter None, rescale 2)
     "dinov3_vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn="mlp", ffn_hidden=1536),
     "dinov3_vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn="swiglu", ffn_hidden=1536),
     "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp", ffn_hidden=3072),
@@ -248,6 +272,7 @@ DINOV3_FILES = {  # Meta's release names (access form linked from github.com/fac
     "dinov3_vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
 }
 DINOV3_NUM_REGISTERS = 4
+DINOV3_ROPE_RESCALE = 2.0  # rescale_coords of the hub backbones: log-uniform in [1/2, 2] in train mode
 
 
 class DinoAttention(nn.Module):
@@ -303,7 +328,7 @@ class DinoV3(nn.Module):
         self.storage_tokens = nn.Parameter(0.02 * torch.randn(1, DINOV3_NUM_REGISTERS, C))
         self.mask_token = nn.Parameter(torch.zeros(1, C))  # iBOT masking; unused at inference
         self.patch_embed = PatchEmbed(C)
-        self.rope_embed = RopePositionEmbedding(C // a["num_heads"])
+        self.rope_embed = RopePositionEmbedding(C // a["num_heads"], rescale_coords=DINOV3_ROPE_RESCALE)
         self.blocks = nn.ModuleList(DinoBlock(C, a["num_heads"], a["ffn"], a["ffn_hidden"])
                                     for _ in range(a["depth"]))
         self.norm = nn.LayerNorm(C, eps=1e-5)
@@ -323,6 +348,8 @@ class DinoV3(nn.Module):
         rope = self.rope_embed(h, w)
         outs = {}
         for i, blk in enumerate(self.blocks[: max(take) + 1]):  # stop after the last block needed
+            if i and self.rope_embed.training:  # DINOv3 calls rope_embed per block: a fresh draw each
+                rope = self.rope_embed(h, w)
             tokens = blk(tokens, rope)
             if i in take:  # keep only the requested blocks' outputs
                 outs[i] = tokens
@@ -498,6 +525,9 @@ class ResidualEncoder(nn.Module):
         n = image_size // PATCH_SIZE
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))  # dropped after the encoder
         self.conv_proj = nn.Conv2d(3, width, PATCH_SIZE, stride=PATCH_SIZE)
+        fan_in = 3 * PATCH_SIZE * PATCH_SIZE  # torchvision VisionTransformer: trunc normal sqrt(1 / fan_in), zero bias
+        nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))  # bounds +-2 absolute, as there
+        nn.init.zeros_(self.conv_proj.bias)
         self.encoder = ViTEncoder(1 + n * n, width, depth, heads, mlp_dim, dropout)
         self.heads = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, RESIDUAL_DIM))
 
@@ -511,22 +541,49 @@ class ResidualEncoder(nn.Module):
         return x.transpose(1, 2).reshape(B, -1, h, w)  # [B, 8, h, w]
 
 
-def align_residual(f_r, f_d, per_image=False, eps=1e-6):
-    """Distribution alignment, Eq. (6): F_R-hat = (F_R - mu(F_R)) / sigma(F_R) * sigma(F_D) + mu(F_D).
+ALIGN_STATS_MODES = ("frozen", "batch")  # where Eq. (6) statistics come from outside stage-1 training
+ALIGN_MOMENTUM = 0.1  # running average of the Eq. (6) statistics during stage 1 (BatchNorm's default)
+STAGE1_BATCH = 64  # official stage-1 per-GPU batch: what Eq. (6) batch statistics were taken over
+CALIBRATION_IMAGES = 10_000  # training images for calibrate_alignment
+
+
+def alignment_stats(f_r, f_d, per_image=False):
+    """The four Eq. (6) scalars [mu_R, sigma_R, mu_D, sigma_D], [B or 1, 4], detached.
 
     mu, sigma: per-channel mean / unbiased std over batch and tokens (per_image: over each
-    image's tokens only), averaged over channels to scalars, detached (the official
-    statistics). No running statistics: they come from the tensors passed in.
+    image's tokens only), averaged over channels (the official statistics).
     """
     dims = (2, 3) if per_image else (0, 2, 3)
+    return torch.stack([f_r.mean(dims).mean(-1), f_r.std(dims).mean(-1),
+                        f_d.mean(dims).mean(-1), f_d.std(dims).mean(-1)], -1).reshape(-1, 4).detach()
 
-    def mu(f):
-        return f.mean(dim=dims).mean(-1).reshape(-1, 1, 1, 1).detach()  # [B or 1, 1, 1, 1]
 
-    def sigma(f):
-        return f.std(dim=dims).mean(-1).reshape(-1, 1, 1, 1).detach()
+def align_residual(f_r, f_d, per_image=False, eps=1e-6, stats=None):
+    """Distribution alignment, Eq. (6): F_R-hat = (F_R - mu(F_R)) / sigma(F_R) * sigma(F_D) + mu(F_D).
 
-    return (f_r - mu(f_r)) / (sigma(f_r) + eps) * sigma(f_d) + mu(f_d)  # Eq. (6)
+    stats: given [mu_R, sigma_R, mu_D, sigma_D] ([4] or [B, 4]; e.g. the frozen running
+    statistics), else computed from the tensors passed in (alignment_stats: batch or image).
+    """
+    stats = alignment_stats(f_r, f_d, per_image) if stats is None else stats.to(f_r.dtype).reshape(-1, 4)
+    mu_r, sd_r, mu_d, sd_d = stats.reshape(-1, 4, 1, 1, 1).unbind(1)  # each [B or 1, 1, 1, 1]
+    return (f_r - mu_r) / (sd_r + eps) * sd_d + mu_d  # Eq. (6)
+
+
+def training_like_batches(n, batch_size, dist=None, seed=0):
+    """This rank's batches [(indices, keep)] for encoding all n items with Eq. (6) batch statistics.
+
+    Batches look like stage-1 training batches: a fixed seeded permutation of the items cut
+    into full batches of batch_size (the last one topped up by wrapping around; it owns only
+    its first `keep` indices), and batch j goes to rank j % W. So the batch each item is
+    encoded in, and its features, are the same for any number of processes, and a folder
+    sorted by class never makes a one-class batch.
+    """
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    num = math.ceil(n / batch_size)
+    padded = [order[i % n] for i in range(num * batch_size)]
+    return [(padded[j * batch_size:(j + 1) * batch_size], min(batch_size, n - j * batch_size))
+            for j in range(rank, num, world)]
 
 
 # ----------------------------------------------------------------------------------
@@ -636,7 +693,8 @@ class AEConfig:
     image_size: int = 256  # training size: sizes the residual pos-embedding and decoder attention
     dino_layer: int | None = None  # None: last block; k: block k, 0-based (Table 6: 4, 8, 11); both normed
     use_residual: bool = True  # False: DINO-only features (Table 4, row 1)
-    align: str = "batch"  # Eq. (6) stats over the "batch" (official) or per "image"; "none": Table 4, row 2
+    align: str = "batch"  # Eq. (6) stats over the "batch" (official; frozen outside stage 1, see
+    # SVGAutoencoder.align) or per "image"; "none": Table 4, row 2
     mask_prob: float = 0.1  # stage-1 training: replace a sample's whole F_R by a learned token
     residual_depth: int = 6
     residual_width: int = 384
@@ -686,11 +744,30 @@ class SVGAutoencoder(nn.Module):
                                cfg.decoder_attn_resolutions, cfg.image_size, cfg.decoder_dropout)
         self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Frozen Eq. (6) statistics (align "batch"), kept like BatchNorm's running statistics and saved
+        # with the weights: [mu_R, sigma_R, mu_D, sigma_D] averaged over stage-1 training batches
+        # (or written by calibrate_alignment), how many batches went in (0 = none yet), and the
+        # per-GPU batch size those batches had (what align_stats "batch" encodes with elsewhere).
+        self.register_buffer("align_running", torch.zeros(4))
+        self.register_buffer("align_tracked", torch.zeros((), dtype=torch.long))
+        self.register_buffer("align_batch", torch.tensor(STAGE1_BATCH))
+        self.align_stats = "frozen"  # outside stage-1 training: "frozen" running stats or the official "batch"
+        self.dino_train_mode = False  # stage 1 only: DINO in train mode = DINOv3's RoPE rescale (official run)
 
     def train(self, mode=True):
         super().train(mode)
-        self.dino.eval()  # DINO is frozen and never in train mode
+        self.dino.train(mode and self.dino_train_mode)  # frozen DINO: eval unless stage 1 asks
         return self
+
+    def encode_batch_size(self, default):
+        """Images per batch when encoding a dataset: the stage-1 per-GPU batch (align_batch) when
+        Eq. (6) takes batch statistics, so batches look like training batches; else `default`."""
+        batch_stats = self.cfg.align == "batch" and self.align_stats == "batch"
+        return int(self.align_batch) if batch_stats and self.residual is not None else default
+
+    def alignment_buffers(self):
+        """The frozen Eq. (6) statistics' buffers as state-dict entries (defaults for older files)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("align_")}
 
     def trainable_parameters(self):
         """Residual encoder, mask token and decoder (stage 1); never DINO."""
@@ -704,18 +781,59 @@ class SVGAutoencoder(nn.Module):
 
     def encode(self, x):
         """Images in [-1, 1], [B, 3, H, W] -> SVG features [B, C, H/16, W/16], DINO channels first."""
+        f_d, f_r = self.encode_unaligned(x)
+        if f_r is None:
+            return f_d
+        return torch.cat([f_d, self.align(f_r, f_d)], 1)  # [B, 392, h, w]
+
+    def encode_unaligned(self, x):
+        """F_D [B, 384, h, w] and F_R [B, 8, h, w] before Eq. (6) (F_R None without a residual encoder)."""
         check_images(x, "encode input")
         x = ((x + 1) / 2 - self.imagenet_mean) / self.imagenet_std  # the input of both encoders
         f_d = self.dino_features(x)  # [B, 384, h, w]
         if self.residual is None:
-            return f_d
+            return f_d, None
         f_r = self.residual(x)  # [B, 8, h, w]
         if self.training and hasattr(self, "mask_token"):  # stage-1 mask augmentation (App. A)
             drop = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.cfg.mask_prob
             f_r = torch.where(drop, self.mask_token.to(f_r.dtype).expand_as(f_r), f_r)
-        if self.cfg.align != "none":
-            f_r = align_residual(f_r, f_d, per_image=self.cfg.align == "image")  # Eq. (6)
-        return torch.cat([f_d, f_r], 1)  # [B, 392, h, w]
+        return f_d, f_r
+
+    def align(self, f_r, f_d):
+        """Eq. (6) with the statistics of this mode (the one place that decides).
+
+        cfg.align "none": F_R as is; "image": each image's own statistics. cfg.align "batch":
+        in stage-1 training (train mode) the current batch's statistics, as the official code,
+        also folded into the running averages (align_running); outside it, with
+        align_stats "frozen" (default) those running statistics, so an image gets the same
+        features in any batch; with align_stats "batch" the current batch's (official).
+        """
+        if self.cfg.align == "none":
+            return f_r
+        if self.cfg.align == "image":
+            return align_residual(f_r, f_d, per_image=True)
+        if self.training:
+            stats = alignment_stats(f_r, f_d)  # [1, 4]
+            self.track_alignment(stats[0])
+            return align_residual(f_r, f_d, stats=stats)
+        if self.align_stats == "batch":
+            return align_residual(f_r, f_d)
+        if self.align_stats != "frozen":
+            raise ValueError(f"align_stats must be one of {ALIGN_STATS_MODES}, got {self.align_stats!r}")
+        if not self.align_tracked:
+            raise ValueError(
+                "this autoencoder has no frozen Eq. (6) statistics (an official .ckpt, or a checkpoint saved "
+                "before any stage-1 step): calibrate them once with `python eval.py calibrate --ae <ckpt> --data "
+                "<training images> --out <new ckpt>` (svg.calibrate_alignment), or encode with the official "
+                "per-batch statistics (--align-stats batch, ae.align_stats = 'batch')")
+        return align_residual(f_r, f_d, stats=self.align_running)
+
+    @torch.no_grad()
+    def track_alignment(self, stats):
+        """Fold one batch's [mu_R, sigma_R, mu_D, sigma_D] into the running averages (no host sync)."""
+        weight = torch.where(self.align_tracked == 0, 1.0, ALIGN_MOMENTUM)  # the first batch is copied
+        self.align_running.lerp_(stats.float(), weight)
+        self.align_tracked += 1
 
     def decode(self, z):
         """SVG features [B, C, h, w] -> images [B, 3, 16h, 16w] (about [-1, 1], not clamped)."""
@@ -740,6 +858,7 @@ def import_official_autoencoder(state_dict, cfg=AE_PRESETS["paper"]):
             v = v.reshape(1, RESIDUAL_DIM, 1, 1)  # official [1, 8, 1] over tokens
         sd["residual." + k[len("extra_vit."):] if k.startswith("extra_vit.") else k] = v  # torchvision ViT names
     model = SVGAutoencoder(cfg)
+    sd = {**model.alignment_buffers(), **sd}  # none in the official file: calibrate_alignment writes them
     load_strict(model, sd, f"the official SVG autoencoder checkpoint into SVGAutoencoder({cfg.dino_arch}, "
                            f"use_residual={cfg.use_residual}, image_size={cfg.image_size})")
     return model.eval().requires_grad_(False)
@@ -780,9 +899,46 @@ def load_autoencoder(path_or_dict, dino_weights=None, trust_pickle=False):
     if prefix == "encoder.":
         return import_official_autoencoder(sd, cfg)
     model = SVGAutoencoder(cfg)
+    sd = {**model.alignment_buffers(), **sd}  # checkpoints from before the frozen statistics: none tracked
     load_strict(model, sd, f"the stage-1 checkpoint into SVGAutoencoder({cfg.dino_arch}, "
                            f"use_residual={cfg.use_residual}, image_size={cfg.image_size})")
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def calibrate_alignment(ae, dataset, num_images=CALIBRATION_IMAGES, batch_size=None, seed=0, dist=None,
+                        num_workers=0):
+    """Frozen Eq. (6) statistics for an autoencoder that has none (the official .ckpt): written once.
+
+    The mean of the per-batch [mu_R, sigma_R, mu_D, sigma_D] that stage-1 training computes,
+    over a fixed, seeded sample of num_images items ((image, label) pairs) of the training
+    set in mixed batches of the stage-1 per-GPU size (ae.align_batch; full batches only),
+    in eval mode. Batches are split over ranks (the result does not depend on how many).
+    Sets ae.align_running / ae.align_tracked; returns the statistics and their spread over
+    batches (std over batches in units of the matching sigma: mu_R and sigma_R / sigma_R,
+    mu_D and sigma_D / sigma_D), i.e. how far one batch's statistics stray from them.
+    """
+    dist = dist or Dist(device=ae.align_running.device)
+    n = min(num_images, len(dataset))
+    batch_size = min(batch_size or int(ae.align_batch), n)
+    sample = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    num = n // batch_size
+    mine = [sample[j * batch_size:(j + 1) * batch_size] for j in range(dist.rank, num, dist.world_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=num_workers)
+    training = ae.training
+    ae.eval()  # eval numerics (no mask augmentation, no dropout), as inference
+    sums = torch.zeros(2, 4, dtype=torch.float64, device=dist.device)  # sum, sum of squares over batches
+    for x, _ in tqdm(loader, desc="calibrate Eq. (6)", disable=not dist.is_main):
+        f_d, f_r = ae.encode_unaligned(x.to(dist.device))
+        s = alignment_stats(f_r.float(), f_d.float())[0].double()  # [4]
+        sums += torch.stack([s, s * s])
+    sums = dist.all_reduce_mean(sums) * dist.world_size
+    mean = sums[0] / num
+    spread = (sums[1] / num - mean ** 2).clamp_min(0).sqrt() / mean[[1, 1, 3, 3]]  # in units of sigma
+    ae.align_running.copy_(mean.float())
+    ae.align_tracked.fill_(num)
+    ae.train(training)
+    return dict(stats=mean.tolist(), spread=spread.tolist(), batches=num, batch_size=batch_size, seed=seed)
 
 
 # ----------------------------------------------------------------------------------
@@ -794,6 +950,7 @@ LPIPS_SCALE = tuple(2 * s for s in IMAGENET_STD)
 VGG16_FEATURES = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 LPIPS_TAPS = (3, 8, 15, 22, 29)  # torchvision vgg16.features indices of relu1_2, 2_2, 3_3, 4_3, 5_3
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
+LPIPS_HEAD_DROPOUT = 0.5  # the v0.1 heads' Dropout p (active only in train mode officially)
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_HEADS_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/master/"
                    "lpips/weights/v0.1/vgg.pth")
@@ -804,9 +961,10 @@ class LPIPS(nn.Module):
 
     d(x, y) = sum_l mean_hw( w_l . (n_l(x) - n_l(y))^2 ), n_l = VGG16 activations at tap l
     unit-normalised over channels. Always frozen and in eval mode. The official heads are
-    Dropout(0.5) + 1x1 conv and taming/LDM train with that dropout active (Lightning calls
-    .train() on the loss module); we keep eval so the loss is deterministic and is exactly
-    the LPIPS metric (the lpips package also builds it in eval mode by default).
+    Dropout(0.5) + 1x1 conv. head_dropout > 0 applies that dropout (as in train mode) to
+    the squared differences before the heads: the official stage-1 run trained with it on,
+    because its image logger left every submodule in train mode (train_ae --lpips-dropout).
+    0 (default) is exactly the LPIPS metric (the lpips package builds it in eval mode).
     """
 
     def __init__(self):
@@ -822,6 +980,7 @@ class LPIPS(nn.Module):
                 c_in = v
         self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
+        self.head_dropout = 0.0  # LPIPS_HEAD_DROPOUT for the official stage-1 loss; 0 for the metric
         self.requires_grad_(False)
         self.eval()
 
@@ -844,7 +1003,10 @@ class LPIPS(nn.Module):
             f_x = f_x / (f_x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
             f_y = f_y / (f_y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             w = lin.weight.float()  # [1, C_l, 1, 1]; the 1x1 head as a weighted sum, fp32 under autocast
-            d = d + (w * (f_x - f_y).pow(2)).sum(1).mean((1, 2))  # [B, C_l, h, w] -> [B]
+            diff = (f_x - f_y).pow(2)  # [B, C_l, h, w]
+            if self.head_dropout:
+                diff = F.dropout(diff, self.head_dropout)  # the heads' Dropout, as in train mode
+            d = d + (w * diff).sum(1).mean((1, 2))  # [B, C_l, h, w] -> [B]
         return d
 
 
@@ -1339,8 +1501,13 @@ class FeatureStatsAccumulator:
 # channels (DiT issue #41): our scales mean what they mean in RAE, REPA and the
 # official SVG sampler. w = 1 is the conditional model and skips the unconditional pass.
 
-SAMPLER_METHODS = ("euler", "heun")
-CFG_MODES = ("constant", "interval")  # interval: guide only while t_lo <= t <= t_hi
+# heun: the official research sampler's Heun, a trapezoid correction on every step, the last one
+# (into t = 0) included: 2 x steps evaluations. heun-edm: EDM's variant (Karras et al. 2022),
+# no correction on the last step: 2 x steps - 1 evaluations.
+SAMPLER_METHODS = ("euler", "heun", "heun-edm")
+# interval: guide only while t_lo <= t <= t_hi (a t-window; the official research code's
+# "interval" mode means something else: guide every k-th step)
+CFG_MODES = ("constant", "interval")
 EDIT_TIME_SHIFT = 1 / 0.4  # App. C "timestep shift 0.4" (official, reversed time)
 
 
@@ -1422,7 +1589,7 @@ def sample_ode(model, noise, y, steps, shift=SAMPLE_TIME_SHIFT, method="euler", 
         if i >= zero_init_steps:  # zero-init steps leave x unchanged (v = 0)
             v = velocity(x, t)
             x_next = x - dt * v  # Euler step
-            if method == "heun" and t_next > 0:  # trapezoid correction, none into t = 0
+            if method == "heun" or (method == "heun-edm" and t_next > 0):  # trapezoid correction
                 x_next = x - dt * 0.5 * (v + velocity(x_next, t_next))
             x = x_next
         if after_step is not None:
@@ -1587,6 +1754,9 @@ def load_generator(path, ae=None, stats=None, trust_pickle=False):
     official SVG-XL file {"ema": DiT state dict}, which needs ae = the stage-1 checkpoint it
     was trained with (official Lightning .ckpt or native) and stats = dinov3_sp_stats.pt.
     Files load weights-only (load_checkpoint); weights with NaN / inf are refused (load_strict).
+    The autoencoder encodes (editing) with the Eq. (6) mode the SiT's features were made with
+    (align_stats of a train_dit.py checkpoint); an official autoencoder encodes with frozen
+    statistics once calibrated (calibrate_alignment), which stand in for its training batches.
     """
     ckpt = load_checkpoint(path, "stage-2 checkpoint", trust_pickle)
     if isinstance(ckpt, dict) and "sit_config" in ckpt:
@@ -1595,6 +1765,7 @@ def load_generator(path, ae=None, stats=None, trust_pickle=False):
         model = SiT(SiTConfig(**ckpt["sit_config"]))
         load_strict(model, ckpt["ema"], f"the EMA weights of {path}")
         autoencoder = load_autoencoder({"ae_config": ckpt["ae_config"], "ae": ckpt["ae"]})
+        autoencoder.align_stats = ckpt.get("align_stats", "batch")  # the Eq. (6) mode its features had
         if "feature_stats" not in ckpt:
             raise ValueError(f"{path} has no feature statistics ('feature_stats': per-channel mean / std of the "
                              "SVG features the SiT was trained on), so samples cannot be denormalised: use a "
@@ -1679,7 +1850,11 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
 
 
 def random_crop_arr(pil_image, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """The official AE training crop (SmallestMaxSize + RandomCrop): short side = size, random window."""
+    """Stage-1 training crop: short side = size by the ADM resize above, then a random window.
+
+    The official trainer uses albumentations' SmallestMaxSize (one cv2 resize) + RandomCrop;
+    the resize here is ADM's BOX-halving + BICUBIC instead (same geometry, other filter).
+    """
     arr = np.array(_resize_short_side(pil_image, image_size))
     top = int(rng.integers(arr.shape[0] - image_size + 1))
     left = int(rng.integers(arr.shape[1] - image_size + 1))

@@ -17,8 +17,19 @@ Under DDP the residual encoder, mask token, decoder and discriminator are synchr
 the frozen DINO is not a DDP parameter. Each rank sees its own batch in three places, as in
 the official code: Eq. (6) batch statistics (align="batch"), the mask augmentation draws,
 and the discriminator's BatchNorm. A W-rank run therefore equals a 1-rank run with the same
-global batch only with align "image"/"none", mask_prob 0, residual_dropout 0 and before
---disc-start.
+global batch only with align "image"/"none", mask_prob 0, residual_dropout 0, no
+--lpips-dropout / --dino-rope-aug and before --disc-start.
+
+Eq. (6) statistics: training normalises F_R with each micro-batch's statistics (official) and
+keeps their running averages in the autoencoder (ae.align_running, averaged over ranks before
+every evaluation and checkpoint), as BatchNorm does; evaluation here and every later use of
+the checkpoint encode with those frozen statistics (svg.SVGAutoencoder.align).
+
+The official run's train-mode quirks (reference: its ImageLogger calls pl_module.eval() then
+.train() around its first image log, which leaves every submodule in train mode):
+--lpips-dropout runs the LPIPS heads with their Dropout(0.5), --dino-rope-aug runs the frozen
+DINOv3 in train mode, i.e. with its RoPE coordinate rescale (log-uniform in [1/2, 2]). Both
+are on in the paper preset, from iteration 0 (officially from the first image log on).
 """
 
 import argparse
@@ -34,8 +45,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from svg import (
-    ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, PRECISIONS, PatchGAN, ResumableSampler,
-    SVGAutoencoder, adaptive_weight, align_residual, apply_preset, atomic_save, autocast, build_dataset,
+    ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, LPIPS_HEAD_DROPOUT, PRECISIONS, PatchGAN, ResumableSampler,
+    SVGAutoencoder, adaptive_weight, apply_preset, atomic_save, autocast, build_dataset,
     claim_output, gan_active, generator_loss, hinge_d_loss, init_distributed, load_dinov3, load_lpips,
     load_strict, nonfinite_tensors, positive_float, positive_int, psnr, reconstruction_loss, resume_checkpoint,
     resume_lr, rng_state, save_image_grid, set_rng_state, set_seed, setup_precision, skipped_note, ssim,
@@ -45,16 +56,24 @@ from svg import (
 PRESETS = {
     # App. A / official config: 256 px, 64 per GPU x 8 GPUs, lr 1e-4, 100K iterations (~40
     # ImageNet epochs, the official epoch=000040.ckpt), SmallestMaxSize + RandomCrop, no flip.
-    # disc_start 2500 iterations = the official 5001 Lightning steps (two per iteration).
+    # disc_start 2500 iterations = the official 5001 Lightning steps (two per iteration). There
+    # both GAN terms are switched by the Lightning step: the discriminator's at step 5000 (its
+    # 2500th iteration), the generator's at 5001 (one iteration later, 2501), and the
+    # discriminator's Adam steps from iteration 0 on zero gradients (disc_factor 0), which
+    # moves nothing (Adam's update is 0 for zero moments). Here both start at iteration 2500
+    # and the discriminator's optimiser first steps then.
     # grad_accum 2: 64 images need ~80-93 GiB here (measured on an H100: 1.25 GiB per image
-    # in bf16, 1.45 in fp32), so each GPU runs two micro-batches of 32.
+    # in bf16, 1.45 in fp32), so each 80 GB GPU runs two micro-batches of 32, and Eq. (6) and
+    # the discriminator's BatchNorm see 32 images instead of the official 64. A 141 GB H200
+    # holds 64: pass --grad-accum 1 there for the official per-GPU batch.
+    # lpips_dropout / dino_rope_aug: what the official run trained with (see the top).
     "paper": dict(data=None, global_batch=512, grad_accum=2, steps=100_000, lr=1e-4, disc_start=2500,
                   crop="random", num_synthetic=0, num_workers=8, num_eval=256, log_every=50,
-                  sample_every=2500, eval_every=5000, ckpt_every=5000),
+                  sample_every=2500, eval_every=5000, ckpt_every=5000, lpips_dropout=True, dino_rope_aug=True),
     # AE_PRESETS["tiny"] at 64 px on the built-in synthetic shapes: minutes on a 2-core CPU.
     "tiny": dict(data="synthetic", global_batch=8, grad_accum=1, steps=300, lr=1e-3, disc_start=200,
                  crop="center", num_synthetic=2048, num_workers=0, num_eval=16, log_every=10,
-                 sample_every=100, eval_every=100, ckpt_every=150),
+                 sample_every=100, eval_every=100, ckpt_every=150, lpips_dropout=False, dino_rope_aug=False),
 }
 
 
@@ -84,6 +103,11 @@ def parse_args(argv=None):
     p.add_argument("--disc-weight", type=float, default=DISC_WEIGHT)
     p.add_argument("--crop", choices=["center", "random"])
     p.add_argument("--flip", action="store_true", help="random horizontal flips (off officially)")
+    p.add_argument("--lpips-dropout", action=argparse.BooleanOptionalAction,
+                   help="LPIPS loss heads with their Dropout(0.5), as the official run (paper preset: on)")
+    p.add_argument("--dino-rope-aug", action=argparse.BooleanOptionalAction,
+                   help="frozen DINOv3 in train mode: RoPE coordinate rescale in [1/2, 2] per block, as the "
+                        "official run (paper preset: on)")
     p.add_argument("--num-synthetic", type=int, help="training images of the synthetic set")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="unreadable images")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -143,20 +167,23 @@ def grad_sync(module, sync: bool):
 def dino_only(ae, z):
     """Features with F_R replaced by the mask token for every image, then aligned as in encode.
 
-    This is what the decoder sees for a masked sample when a whole batch is masked: after
-    Eq. (6) the constant token becomes mu(F_D) in every residual channel.
+    With the frozen Eq. (6) statistics this is what the decoder sees for a masked sample in
+    a training batch (with batch statistics over an all-masked batch the constant token would
+    become mu(F_D) in every residual channel).
     """
     D = ae.dino.embed_dim
     f_r = ae.mask_token.to(z.dtype).expand(z.shape[0], -1, *z.shape[2:])  # [B, 8, h, w]
-    if ae.cfg.align != "none":
-        f_r = align_residual(f_r, z[:, :D], per_image=ae.cfg.align == "image")  # Eq. (6)
-    return torch.cat([z[:, :D], f_r], 1)  # [B, C, h, w]
+    return torch.cat([z[:, :D], ae.align(f_r, z[:, :D])], 1)  # [B, C, h, w], Eq. (6)
 
 
 @torch.no_grad()
 def evaluate(ae, lpips, images, batch, precision, device):
-    """Mean PSNR / SSIM / LPIPS of clamped reconstructions of the held-out images (eval mode)."""
+    """Mean PSNR / SSIM / LPIPS of clamped reconstructions of the held-out images (eval mode;
+    frozen Eq. (6) statistics; LPIPS as the metric, without the loss's head dropout)."""
     ae.eval()
+    head_dropout = lpips.head_dropout if lpips is not None else 0.0
+    if lpips is not None:
+        lpips.head_dropout = 0.0
     scores = {"psnr": [], "ssim": [], "lpips": []}
     for i in range(0, len(images), batch):
         x = images[i:i + batch].to(device)
@@ -166,6 +193,8 @@ def evaluate(ae, lpips, images, batch, precision, device):
         scores["ssim"].append(ssim(x, x_hat))
         if lpips is not None:
             scores["lpips"].append(lpips(x, x_hat))
+    if lpips is not None:
+        lpips.head_dropout = head_dropout
     ae.train()
     return {k: torch.cat(v).mean().item() for k, v in scores.items() if v}
 
@@ -253,11 +282,14 @@ def main(argv=None):
     # per-rank randomness (mask augmentation, dropout) uses seed * world + rank.
     set_seed(args.seed)
     ae = SVGAutoencoder(cfg).to(device)
+    ae.dino_train_mode = args.dino_rope_aug  # DINOv3 RoPE rescale while training (official run)
+    ae.align_batch.fill_(batch // args.grad_accum)  # the batch Eq. (6) statistics are taken over
     disc = PatchGAN().to(device)
     set_seed(args.seed * dist.world_size + dist.rank)
     lpips = None
     if args.lpips_vgg or args.lpips_heads or args.preset == "paper":
         lpips = load_lpips(args.lpips_vgg, args.lpips_heads).to(device)
+        lpips.head_dropout = LPIPS_HEAD_DROPOUT if args.lpips_dropout else 0.0  # official run: on
     else:
         log("!" * 88 + "\nWARNING: no --lpips-vgg / --lpips-heads: training WITHOUT the LPIPS term and "
             "reporting no LPIPS.\n" + "!" * 88)
@@ -275,7 +307,8 @@ def main(argv=None):
         if ckpt["ae_config"] != dataclasses.asdict(cfg):
             raise ValueError(f"{resume} was trained with AEConfig {ckpt['ae_config']}, this run has "
                              f"{dataclasses.asdict(cfg)}: use the same --preset / --ae-set")
-        load_strict(ae, ckpt["ae"], resume)  # also refuses NaN / inf weights
+        load_strict(ae, {**ae.alignment_buffers(), **ckpt["ae"]}, resume)  # older files: no running Eq. (6) stats;
+        # load_strict also refuses NaN / inf weights
         load_strict(disc, ckpt["disc"], f"the discriminator of {resume}")
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_disc.load_state_dict(ckpt["opt_disc"])
@@ -385,6 +418,9 @@ def main(argv=None):
                 log(f"step {step:7d} | nll {rec['nll']:.2f} | l1 {rec['l1']:.4f} | lpips {rec['lpips']:.4f} | "
                     f"g {rec['g_loss']:.4f} | d_weight {rec['d_weight']:.4f} | d {rec['d_loss']:.4f} | "
                     f"{ips:.1f} img/s" + skipped_note(train_set))
+            if step == args.steps or any(step % k == 0 for k in (args.sample_every, args.eval_every,
+                                                                 args.ckpt_every)):
+                ae.align_running.copy_(dist.all_reduce_mean(ae.align_running))  # ranks' running stats agree
             if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
                 path = os.path.join(args.out, "samples", f"{step:07d}.png")
                 save_reconstructions(ae, eval_images[:8], path, args.precision, device)

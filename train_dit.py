@@ -17,6 +17,14 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py ... --fid-every 10000 --fid-ref VIRTUAL_imagenet256_labeled.npz \
         --fid-inception pt_inception-2015-12-05-6726825d.pth
 
+Eq. (6) statistics (--align-stats): "frozen" (default) encodes with the running statistics the
+autoencoder kept in stage 1, so every image gets the same features in any batch, cached or on
+the fly; "batch" uses each batch's statistics, as the official code (bit for bit with it). The
+feature statistics pass and --extract encode in training-like batches either way: a seeded
+permutation of the images cut into batches of the stage-1 per-GPU size (the flips as batches
+of their own), assigned to ranks round robin, so features never follow the folder's class
+order (one class per batch) and do not depend on the number of processes.
+
 Randomness: horizontal flips are part of the dataset (item k = image k mod N, flipped when
 k >= N), and the noise, time and label dropout of a step are drawn for the whole global
 batch from a generator seeded by (seed, step), each rank taking its samples' rows. So a
@@ -43,7 +51,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import eval as ev
@@ -69,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--cache", help="feature cache folder: written by --extract, else trained from")
     p.add_argument("--extract", action="store_true", help="encode --data (both flips) into --cache, then exit")
     p.add_argument("--cache-dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument("--align-stats", choices=svg.ALIGN_STATS_MODES, default="frozen",
+                   help="Eq. (6) statistics when encoding: the autoencoder's frozen running statistics, or each "
+                        "batch's (official)")
     p.add_argument("--stats", help="feature stats file (native or official dinov3_sp_stats.pt) instead of computing")
     p.add_argument("--out", help="output folder: checkpoints/NNNNNNN.pt, log.txt, feature_stats.pt")
     p.add_argument("--overwrite", action="store_true",
@@ -189,27 +200,34 @@ class FeatureCache(Dataset):
         return (x.view(torch.bfloat16) if self.meta["dtype"] == "bfloat16" else x).float()
 
 
-def shard(n, dist):
-    """This rank's contiguous share of range(n) (every item exactly once over all ranks)."""
-    bounds = np.linspace(0, n, dist.world_size + 1).astype(int)
-    return range(bounds[dist.rank], bounds[dist.rank + 1])
+def encoded_images(ae, images, dist, batch, num_workers, seed):
+    """This rank's share of every image's features: (indices [k], labels [k], F(x) [k, C, h, w],
+    F(flipped x) [k, C, h, w]), encoded in training-like batches (svg.training_like_batches),
+    the flipped images as a batch of their own. The same features for any world size."""
+    batches = svg.training_like_batches(len(images), batch, dist, seed)
+    loader = DataLoader(images, batch_sampler=[b for b, _ in batches], num_workers=num_workers,
+                        pin_memory=dist.device.type == "cuda")
+    for (index, keep), (x, y) in zip(batches, loader):
+        x = x.to(dist.device, non_blocking=True)
+        f, f_flip = ae.encode(x), ae.encode(x.flip(-1))  # [B, C, h, w] each
+        yield torch.tensor(index[:keep]), y[:keep], f[:keep], f_flip[:keep]
 
 
 @torch.no_grad()
-def compute_feature_stats(ae, images, dist, batch, num_workers):
+def compute_feature_stats(ae, images, dist, batch, num_workers, seed=0):
     """Exact per-channel stats of the 2N (image, flip) training features, split over ranks."""
-    loader = DataLoader(Subset(FlippedPairs(images), shard(2 * len(images), dist)), batch_size=batch,
-                        num_workers=num_workers, pin_memory=dist.device.type == "cuda")
     acc = svg.FeatureStatsAccumulator(ae.feature_dim, dist.device)
-    for x, _ in tqdm(loader, desc="feature stats", disable=not dist.is_main):
-        acc.update(ae.encode(x.to(dist.device, non_blocking=True)))
+    for _, _, f, f_flip in tqdm(encoded_images(ae, images, dist, ae.encode_batch_size(batch), num_workers, seed),
+                                desc="feature stats", disable=not dist.is_main):
+        acc.update(f)
+        acc.update(f_flip)
     return acc.result()
 
 
 @torch.no_grad()
 def extract_features(args, dist, ae, images, log):
     """Write the feature cache: both flips of every image, stats, meta. Atomic (a .partial folder
-    renamed at the end); every rank fills its shard of one shared memory-mapped array."""
+    renamed at the end); every rank fills its images' rows of one shared memory-mapped array."""
     if os.path.exists(args.cache):
         raise FileExistsError(f"feature cache {args.cache!r} already exists: train from it with --cache, or delete "
                               "it to extract again")
@@ -228,25 +246,21 @@ def extract_features(args, dist, ae, images, log):
                                 "on a filesystem shared by all nodes")
     features = np.load(os.path.join(tmp, "features.npy"), mmap_mode="r+")
     labels = np.load(os.path.join(tmp, "labels.npy"), mmap_mode="r+")
-    mine = shard(N, dist)
-    loader = DataLoader(Subset(images, mine), batch_size=args.global_batch // dist.world_size,
-                        num_workers=args.num_workers, pin_memory=dist.device.type == "cuda")
     acc = svg.FeatureStatsAccumulator(C, dist.device)
-    i = mine.start
-    for x, y in tqdm(loader, desc="extract", disable=not dist.is_main):
-        x = x.to(dist.device, non_blocking=True)
-        f = ae.encode(torch.cat([x, x.flip(-1)]))  # [2B, C, h, w]
+    batch = ae.encode_batch_size(args.global_batch // dist.world_size)
+    for index, y, f, f_flip in tqdm(encoded_images(ae, images, dist, batch, args.num_workers, args.seed),
+                                    desc="extract", disable=not dist.is_main):
         acc.update(f)
-        f = f.view(2, -1, *f.shape[1:]).transpose(0, 1)  # [B, 2, C, h, w]
+        acc.update(f_flip)
+        f = torch.stack([f, f_flip], 1)  # [k, 2, C, h, w]
         if args.cache_dtype == "float16":
             f = f.half()
             if not torch.isfinite(f).all():
                 raise ValueError("features overflow float16: extract again with --cache-dtype bfloat16")
         else:
             f = f.bfloat16().view(torch.int16)
-        features[i:i + len(y)] = f.cpu().numpy()
-        labels[i:i + len(y)] = y.numpy()
-        i += len(y)
+        features[index.numpy()] = f.cpu().numpy()
+        labels[index.numpy()] = y.numpy()
     features.flush()
     labels.flush()
     stats = acc.result()  # all ranks' features
@@ -254,7 +268,8 @@ def extract_features(args, dist, ae, images, log):
     if dist.is_main:
         torch.save(stats, os.path.join(tmp, "stats.pt"))
         meta = dict(num_images=N, channels=C, grid=grid, dtype=args.cache_dtype, image_size=args.image_size,
-                    num_classes=images.num_classes, ae_config=asdict(ae.cfg), ae_fingerprint=fingerprint(ae))
+                    num_classes=images.num_classes, ae_config=asdict(ae.cfg), ae_fingerprint=fingerprint(ae),
+                    align_stats=ae.align_stats, encode_batch=batch, seed=args.seed)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(tmp, args.cache)
@@ -306,6 +321,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- frozen autoencoder and data
     ae = load_trained_autoencoder(args.ae, args.trust_pickle)
+    ae.align_stats = args.align_stats  # every encode below (stats pass, --extract, on the fly) honours it
     ae_state = {k: v.clone() for k, v in ae.state_dict().items()}  # CPU copy for checkpoints
     if args.image_size is None:
         args.image_size = ae.cfg.image_size
@@ -329,6 +345,7 @@ def main(argv=None):
             raise ValueError(f"the cache {args.cache!r} was extracted with a different autoencoder (ae_config "
                              f"{meta['ae_config']}): pass the same --ae, or extract again")
         num_classes, grid = meta["num_classes"], meta["grid"]
+        ae.align_stats = meta.get("align_stats", "batch")  # how the cached features were made (older: batch)
     if ckpt is not None:
         stats = svg.load_feature_stats(ckpt["feature_stats"], C)
     elif args.stats is not None:
@@ -336,7 +353,7 @@ def main(argv=None):
     elif args.cache is not None:
         stats = svg.load_feature_stats(os.path.join(args.cache, "stats.pt"), C)
     else:
-        stats = compute_feature_stats(ae, images, dist, local_batch, args.num_workers)
+        stats = compute_feature_stats(ae, images, dist, local_batch, args.num_workers, args.seed)
         if not all(torch.isfinite(v).all() for v in stats.values()):
             raise ValueError(f"the features of --ae {args.ae} on --data {args.data} are not finite (NaN/inf), so "
                              "neither are their statistics: the autoencoder is broken, not the diffusion lr")
@@ -476,7 +493,8 @@ def main(argv=None):
                 svg.atomic_save({
                     "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                     "sit_config": asdict(cfg), "feature_stats": stats, "ae_config": asdict(ae.cfg),
-                    "ae": ae_state, "sampler": sampler.state_dict(), "rng": svg.rng_state(),
+                    "ae": ae_state, "align_stats": ae.align_stats, "sampler": sampler.state_dict(),
+                    "rng": svg.rng_state(),
                     "args": vars(args),
                 }, last_ckpt)
                 log(f"saved {last_ckpt}")

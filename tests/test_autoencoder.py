@@ -107,6 +107,7 @@ def test_align_gradient_flows_only_through_the_affine_map(per_image):
 
 def test_encode_layout_dino_first_and_imagenet_normalised():
     ae = svg.SVGAutoencoder(TINY).eval()
+    ae.align_stats = "batch"  # official per-batch Eq. (6); frozen statistics: test_frozen_alignment.py
     x = images()
     z = ae.encode(x)
     assert z.shape == (2, ae.feature_dim, 4, 4) and ae.feature_dim == 128 + svg.RESIDUAL_DIM
@@ -202,6 +203,8 @@ def randomised(ae):
 
 def test_native_checkpoint_round_trip(tmp_path):
     ae = randomised(svg.SVGAutoencoder(TINY))
+    ae.train().encode(images())  # running Eq. (6) statistics, as one stage-1 step keeps them
+    ae.eval()
     torch.save({"ae_config": dataclasses.asdict(TINY), "ae": ae.state_dict(), "step": 3}, tmp_path / "ae.pt")
     loaded = svg.load_autoencoder(tmp_path / "ae.pt")
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
@@ -226,14 +229,16 @@ def official_checkpoint(ae):
 
 def test_official_checkpoint_import(tmp_path, monkeypatch):
     ae = randomised(svg.SVGAutoencoder(TINY))
+    ae.align_stats = "batch"
     torch.save(official_checkpoint(ae), tmp_path / "epoch=000040.ckpt")
     monkeypatch.setitem(svg.AE_PRESETS, "paper", TINY)  # load_autoencoder assumes the paper config
     loaded = svg.load_autoencoder(tmp_path / "epoch=000040.ckpt")
     direct = svg.import_official_autoencoder(torch.load(tmp_path / "epoch=000040.ckpt", weights_only=False), TINY)
     x = images()
     with torch.no_grad():
-        z = ae.encode(x)
+        z = ae.eval().encode(x)  # official per-batch Eq. (6): the official file has no frozen statistics
         for m in (loaded, direct):
+            m.align_stats = "batch"
             torch.testing.assert_close(m.encode(x), z, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(m.decode(z), ae.decode(z), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loaded.mask_token, ae.mask_token)

@@ -265,11 +265,16 @@ def tiny_ae_checkpoint(path, use_residual=True):
     """A randomly initialised tiny autoencoder saved in the stage-1 checkpoint format."""
     cfg = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", use_residual=use_residual)
     ae = svg.SVGAutoencoder(cfg)
+    if use_residual:  # running Eq. (6) statistics, as one stage-1 step keeps them
+        ae.train().encode(torch.rand(4, 3, cfg.image_size, cfg.image_size) * 2 - 1)
     torch.save({"ae_config": dataclasses.asdict(cfg), "ae": ae.state_dict(), "step": 0, "args": {}}, path)
     return cfg
 
 
 class IdentityAutoencoder(torch.nn.Module):
+    def encode_batch_size(self, default):
+        return default
+
     def encode(self, x):
         return x
 

@@ -116,6 +116,8 @@ def assert_same_training(one, two):
     assert one["ae"].keys() == two["ae"].keys()
     checked = 0
     for k, a in one["ae"].items():
+        if k == "align_batch":  # the per-GPU batch: 8 on one process, 4 on two, by design
+            continue
         off = ~torch.isclose(a, two["ae"][k], atol=1e-5, rtol=1e-4)
         assert not off.any() or exp_avg[k][off].abs().max() < 1e-3, k
         checked += (~off).sum().item()

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # not depend on how images are batched (needed to compare 1 and 2 processes).
 AE_CFG = replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", image_size=32, align="image",
                  decoder_ch_mult=(1, 1, 1, 1, 1), decoder_attn_resolutions=())
-CKPT_KEYS = {"model", "ema", "opt", "step", "sit_config", "feature_stats", "ae_config", "ae", "sampler", "rng", "args"}
+CKPT_KEYS = {"model", "ema", "opt", "step", "sit_config", "feature_stats", "ae_config", "ae", "align_stats", "sampler", "rng",
+             "args"}
 
 
 def save_ae(path, seed=0, step=5):
