@@ -222,7 +222,7 @@ def run_interp(args, gen, dist):
 # edit: SDEdit-style class-conditional editing with trajectory inversion (App. C)
 # ----------------------------------------------------------------------------------
 def load_image(path, size):
-    """An image file -> ADM centre crop at the autoencoder resolution, [1, 3, size, size] in [-1, 1]."""
+    """An image file -> ADM centre crop at the generator's resolution, [1, 3, size, size] in [-1, 1]."""
     try:
         with Image.open(path) as img:
             pil = img.convert("RGB")
@@ -267,7 +267,7 @@ def edit_image(gen, image, y, source_y, mask, args, device):
 
 
 def run_edit(args, gen, dist):
-    size = gen.ae.cfg.image_size
+    size = feature_shape(gen)[-1] * svg.PATCH_SIZE  # the SiT's grid: train_dit --image-size may differ from the AE's
     check_class_ids([args.class_id] + ([] if args.source_class is None else [args.source_class]), gen.num_classes)
     image = load_image(args.image, size)  # [1, 3, size, size]
     mask = box_mask(args.box, args.region, size)  # [1, 1, h, w]
@@ -331,7 +331,7 @@ def parse_args(argv=None):
     p.add_argument("--source-class", type=int, default=None,
                    help="class for the inversion (default: the null class, unconditional)")
     p.add_argument("--box", type=int, nargs=4, required=True, metavar=("X0", "Y0", "X1", "Y1"),
-                   help="pixel box on the centre crop at the autoencoder resolution")
+                   help="pixel box on the centre crop at the generator's resolution")
     p.add_argument("--region", choices=("inside", "outside"), default="inside", help="which side to edit")
     p.add_argument("--t-edit", type=float, default=0.8, help="inversion depth t_edit in (0, 1]")
     p.add_argument("--blur-sigma", type=float, default=1.0, help="mask softening, in feature cells")

@@ -12,6 +12,9 @@ reconstruction.
         --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth
     # tiny, CPU, a few minutes, no downloads (synthetic shapes, random DINO):
     python train_ae.py --preset tiny
+    # App. H: a new run at 512 px from the 256 px weights (step 0, fresh optimisers, own --out)
+    torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet/train --init-from \
+        runs/ae-paper/checkpoints/0100000.pt --image-size 512 --out runs/ae-512 ...
 
 Under DDP the residual encoder, mask token, decoder and discriminator are synchronised;
 the frozen DINO is not a DDP parameter. Each rank sees its own batch in three places, as in
@@ -34,11 +37,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from svg import (
-    ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, PRECISIONS, PatchGAN, ResumableSampler,
+    ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, PATCH_SIZE, PRECISIONS, PatchGAN, ResumableSampler,
     SVGAutoencoder, adaptive_weight, align_residual, apply_preset, atomic_save, autocast, build_dataset,
-    gan_active, generator_loss, hinge_d_loss, init_distributed, latest_checkpoint, load_dinov3, load_lpips,
-    load_strict, psnr, reconstruction_loss, rng_state, save_image_grid, set_rng_state, set_seed,
-    setup_precision, ssim,
+    gan_active, generator_loss, hinge_d_loss, init_distributed, latest_checkpoint, load_autoencoder, load_dinov3,
+    load_lpips, load_strict, psnr, reconstruction_loss, resample_pos_embed, resize_ae_config, rng_state,
+    save_image_grid, set_rng_state, set_seed, setup_precision, ssim,
 )
 
 # Defaults per preset; any flag given on the command line wins.
@@ -92,20 +95,32 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--resume", help="checkpoint path, or 'auto' = the latest in <out>/checkpoints if any")
+    p.add_argument("--init-from", metavar="PATH", help="App. H: start a NEW run (step 0, fresh optimisers, "
+                   "own --out) from the weights of a train_ae.py or official checkpoint, e.g. of another "
+                   "resolution; its AEConfig replaces the preset's (--ae-set still applies)")
+    p.add_argument("--image-size", type=int, help="train at this size (App. H: 512, 1024); default: the "
+                   "preset's or the --init-from checkpoint's. Decoder attention stays at the same levels")
     args = p.parse_args(argv)
     apply_preset(args, PRESETS[args.preset])
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from another run's weights (step 0, fresh optimisers); --resume "
+                "continues a run exactly. Pass one of them: --resume to continue this run, --init-from with a "
+                "new --out to start a new one")
+    if args.init_from and args.out is None:
+        p.error("--init-from starts a new run: give it its own --out (e.g. runs/ae-512), not the folder of the "
+                "run it starts from")
     args.out = args.out or os.path.join("runs", f"ae-{args.preset}")
     if args.data is None:
         p.error("--data is required with --preset paper: an ImageNet-style folder such as "
                 "/path/imagenet/train (class sub-folders), or 'synthetic'")
-    if args.preset == "paper" and not (args.dino_weights or args.resume):
+    if args.preset == "paper" and not (args.dino_weights or args.resume or args.init_from):
         p.error("--preset paper needs the DINOv3 weights: pass --dino-weights "
                 "/path/to/dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth")
     return args
 
 
-def ae_config(args):
-    """The preset's AEConfig with the --ae-set overrides."""
+def ae_config(args, base=None):
+    """The preset's AEConfig (or `base`, the --init-from checkpoint's) with the --ae-set overrides."""
     fields = {f.name for f in dataclasses.fields(AE_PRESETS["paper"])}
     overrides = {}
     for item in args.ae_set:
@@ -116,7 +131,7 @@ def ae_config(args):
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value  # a bare string such as align=none
-    return dataclasses.replace(AE_PRESETS[args.preset], **overrides)
+    return dataclasses.replace(base or AE_PRESETS[args.preset], **overrides)
 
 
 class Reconstruct(nn.Module):
@@ -189,7 +204,16 @@ def spread(n, k):
 def main(argv=None):
     # ---- config
     args = parse_args(argv)
-    cfg = ae_config(args)
+    source = None
+    if args.init_from:  # App. H: weights and AEConfig of another run (e.g. 256 px), any format load_autoencoder reads
+        if not os.path.isfile(args.init_from):
+            raise FileNotFoundError(f"--init-from {args.init_from!r} not found: pass a checkpoint written by "
+                                    "train_ae.py or the official SVG autoencoder .ckpt")
+        init = torch.load(args.init_from, map_location="cpu", weights_only=False)  # our own / the authors' file
+        source = load_autoencoder(init, args.dino_weights)  # --dino-weights, if given, replaces its DINO
+    cfg = ae_config(args, source.cfg if source else None)
+    if args.image_size:
+        cfg = resize_ae_config(cfg, args.image_size)  # App. H: same architecture at another size
 
     # ---- distributed init, precision
     dist = init_distributed()
@@ -284,6 +308,17 @@ def main(argv=None):
         else:
             log(f"world size changed ({len(ckpt['rng'])} -> {dist.world_size}): RNG streams re-seeded")
         log(f"resumed from {resume} at iteration {step}")
+    elif source is not None:  # App. H: weights only; optimisers, step 0, data order and RNG start fresh
+        state = source.state_dict()
+        key = "residual.encoder.pos_embedding"
+        if key in state:  # [1, 1 + n*n, D] -> [1, 1 + h*w, D] for this run's grid, class token kept
+            state[key] = resample_pos_embed(state[key], size // PATCH_SIZE, size // PATCH_SIZE)
+        load_strict(ae, state, f"--init-from {args.init_from}")
+        if isinstance(init, dict) and "disc" in init:  # PatchGAN is fully convolutional: any size
+            disc.load_state_dict(init["disc"])
+        log(f"initialised from {args.init_from} ({source.cfg.image_size} px -> {size} px; autoencoder"
+            f"{' and discriminator' if 'disc' in init else ', fresh discriminator'}), step 0, fresh optimisers")
+        del source, init, state
     elif args.dino_weights:
         ae.dino.load_state_dict(load_dinov3(args.dino_weights, cfg.dino_arch).state_dict())
     else:

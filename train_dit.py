@@ -13,6 +13,9 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py --preset paper --cache /cache/in256 --ae ae.pt --out runs/svg_xl
     # CPU, minutes: synthetic images and a tiny stage-1 checkpoint
     python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0000300.pt --out runs/dit_tiny
+    # App. H: fine-tune SVG-XL at 512 px from its 256 px weights, on the 512 px autoencoder
+    torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae runs/ae-512/ae.pt \
+        --init-from runs/svg_xl/checkpoints/1750000.pt --out runs/svg_xl_512 --steps 125000
 
 Randomness: horizontal flips are part of the dataset (item k = image k mod N, flipped when
 k >= N), and the noise, time and label dropout of a step are drawn for the whole global
@@ -27,7 +30,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -71,8 +74,18 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--resume", help='checkpoint path, or "auto" = the latest in <out>/checkpoints (fresh if none)')
+    p.add_argument("--init-from", metavar="PATH", help="App. H: start a NEW run (step 0, fresh AdamW, own --out) "
+                   "from the model and EMA weights of a train_dit.py checkpoint or the official SVG-XL file, "
+                   "e.g. trained at 256 px; the sin-cos table follows --ae's grid, feature stats are recomputed")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from another run's weights (step 0, fresh optimizer); --resume "
+                "continues a run exactly. Pass one of them: --resume to continue this run, --init-from with a "
+                "new --out to start a new one")
+    if args.init_from and args.out is None:
+        p.error("--init-from starts a new run: give it its own --out (e.g. runs/svg_xl_512), not the folder of "
+                "the run it starts from")
     svg.apply_preset(args, PRESETS[args.preset])
     if args.ae is None:
         p.error("--ae is required: the stage-1 autoencoder checkpoint the features come from (train_ae.py output "
@@ -96,6 +109,25 @@ def load_trained_autoencoder(path):
         raise ValueError(f"--ae {path!r} was saved at step 0: its residual encoder and decoder are random "
                          "weights. Train the autoencoder first (train_ae.py) or pass a trained checkpoint")
     return svg.load_autoencoder(ckpt)
+
+
+def init_weights(path):
+    """App. H: (SiTConfig, model state, EMA state) of a train_dit.py checkpoint or the official SVG-XL file.
+
+    The state dicts do not depend on the image size: pos_embed is a fixed, unsaved buffer that
+    SiT rebuilds for its own grid (sincos_pos_embed_2d), so 16x16 weights load into a 32x32 SiT.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-from {path!r} not found: pass a train_dit.py checkpoint or the official "
+                                "SVG-XL .pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own / the authors' file
+    if isinstance(ckpt, dict) and "sit_config" in ckpt:
+        return svg.SiTConfig(**ckpt["sit_config"]), ckpt["model"], ckpt["ema"]
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
+        state = svg.import_official_sit(ckpt["ema"]).state_dict()  # official: EMA weights only, reversed time
+        return svg.official_sit_config(ckpt["ema"]), state, state
+    raise ValueError(f"--init-from {path!r} is not a stage-2 checkpoint: expected a train_dit.py checkpoint "
+                     "(key 'sit_config') or the official SVG-XL file {'ema': DiT state dict}")
 
 
 def fingerprint(module):
@@ -259,6 +291,7 @@ def main(argv=None):
     if args.resume == "auto" and resume is None:
         log(f"--resume auto: no checkpoint in {args.out}/checkpoints, starting fresh")
     ckpt = torch.load(resume, map_location="cpu", weights_only=False) if resume else None
+    init = init_weights(args.init_from) if args.init_from else None  # App. H: (SiTConfig, model, EMA)
 
     # ---------------------------------------------------------------- frozen autoencoder and data
     ae = load_trained_autoencoder(args.ae)
@@ -303,6 +336,14 @@ def main(argv=None):
     # ---------------------------------------------------------------- model, EMA, optimizer
     cfg = svg.SiTConfig(**{**asdict(svg.SIT_PRESETS[args.model]), "in_channels": C, "input_size": grid,
                            "num_classes": num_classes, "grad_checkpointing": args.grad_checkpointing})
+    if init is not None:  # App. H: the source run's architecture on this run's feature grid
+        cfg = replace(cfg, reversed_time=init[0].reversed_time)
+        free = {"input_size", "grad_checkpointing", "class_dropout_prob"}  # not fixed by the weights
+        diff = [f"{k} {v} there, {getattr(cfg, k)} here" for k, v in asdict(init[0]).items()
+                if k not in free and getattr(cfg, k) != v]
+        if diff:
+            raise ValueError(f"--init-from {args.init_from} does not fit this run ({'; '.join(diff)}): pass the same "
+                             "--model, an --ae with the same feature channels and data with the same classes")
     with torch.random.fork_rng(devices=[]):  # init depends on --seed only, not on the world size
         torch.manual_seed(args.seed)
         raw = svg.SiT(cfg).to(device)
@@ -317,7 +358,14 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- resume
     step = 0
-    if ckpt is None:
+    if init is not None:  # App. H: model and EMA weights only; AdamW, step, data order and stats start fresh
+        svg.load_strict(raw, init[1], f"--init-from {args.init_from} (model)")
+        svg.load_strict(ema, init[2], f"--init-from {args.init_from} (EMA)")
+        log(f"initialised model and EMA from {args.init_from} ({init[0].input_size}x{init[0].input_size} -> "
+            f"{grid}x{grid} features, sin-cos table rebuilt for {grid}x{grid}); step 0, fresh AdamW, feature "
+            "statistics of this run's features (not the source run's)")
+        init = None
+    elif ckpt is None:
         svg.update_ema(ema, raw, decay=0)  # EMA starts as an exact copy
     else:
         if ckpt["sit_config"] != asdict(cfg):
