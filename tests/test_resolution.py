@@ -1,8 +1,10 @@
 """App. H, higher resolution: position-embedding resampling, the same architecture at another size,
 and a 64 -> 128 px --init-from run of both trainers, then sampling and editing at 128 px."""
 
+import json
 import math
 import os
+import re
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -182,3 +184,77 @@ def test_init_from_refusals(runs, tmp_path, capsys):
     with pytest.raises(ValueError, match="does not fit this run.*hidden_size 128 there, 384 here"):
         train_dit.main(DIT + ["--ae", runs["ae128"], "--out", str(tmp_path / "s"), "--init-from", runs["dit64"],
                               "--model", "SiT-S", "--steps", "1"])
+
+
+def test_eval_recon_at_the_new_size(runs, tmp_path, monkeypatch):
+    import eval as ev
+    from test_eval import write_pngs
+
+    write_pngs(tmp_path / "val", np.random.default_rng(0).integers(0, 256, (2, 140, 150, 3), dtype=np.uint8))
+    torch.save(ev.FIDInceptionV3().state_dict(), tmp_path / ev.INCEPTION_FILE)  # random weights, real layout
+    monkeypatch.setattr(svg, "load_lpips", lambda vgg, heads: svg.LPIPS())
+    out = tmp_path / "recon.json"
+    monkeypatch.setattr("sys.argv", ["eval.py", "recon", "--ae", runs["ae128"], "--data", str(tmp_path / "val"),
+                                     "--inception", str(tmp_path / ev.INCEPTION_FILE), "--lpips-vgg", "v",
+                                     "--lpips-heads", "h", "--batch-size", "2", "--num-workers", "0",
+                                     "--out", str(out)])
+    ev.main()
+    r = json.loads(out.read_text())
+    assert r["image_size"] == 128 and r["num_images"] == 2 and math.isfinite(r["psnr"])
+
+
+# ---- memory: the analytic count of bench.py against autograd's saved tensors --------------------------
+
+def saved_bytes(module, inputs, precision):
+    """Bytes of the distinct non-parameter storages autograd saves for backward in module(*inputs)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), svg.autocast(precision, "cpu"):
+        module(*inputs)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sit_activation_count_matches_autograd(precision):
+    import bench
+
+    cfg = replace(svg.SIT_PRESETS["SiT-tiny"], in_channels=16, num_classes=10, hidden_size=64, num_heads=4)
+    B, D = 2, cfg.hidden_size
+    per_token = {}
+    for n in (4, 8):  # the per-token part of one block, by differencing two grids (16 and 64 tokens)
+        c = replace(cfg, input_size=n)
+        sit = svg.SiT(c).train()
+        per_token[n] = saved_bytes(sit.blocks[0], (torch.randn(B, n * n, D, requires_grad=True),
+                                                   torch.randn(B, D, requires_grad=True)), precision)
+    measured = (per_token[8] - per_token[4]) / (B * (64 - 16))
+    key = "bf16-cpu" if precision == "bf16" else "fp32"  # CPU autocast keeps the QK LayerNorms in bf16
+    assert measured == bench.ACTIVATION_BYTES_PER_TOKEN[key] * D + 4 * (5 * cfg.num_heads + 4)
+    if precision == "fp32":  # the whole forward and loss, embedders and per-image terms included
+        c = replace(cfg, input_size=8)
+        sit = svg.SiT(c).train()
+        x, y = torch.randn(B, 16, 8, 8), torch.randint(0, 10, (B,))
+        total = saved_bytes(sit, (x, torch.rand(B), y), precision) + B * 16 * 64 * 4 * 2  # + loss (x_t, v)
+        assert bench.sit_activation_bytes(c, B, precision, "cpu") == pytest.approx(total, rel=0.03)
+
+
+def test_bench_memory_table_and_image_size(capsys):
+    import bench
+
+    bench.main(["--preset", "paper", "--memory"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)}
+    assert [rows[s][1] for s in ("256", "512", "1024")] == ["256", "1024", "4096"]  # tokens
+    act = [float(rows[s][3]) for s in ("256", "512", "1024")]
+    assert act[1] == pytest.approx(4 * act[0], rel=0.02) and act[2] == pytest.approx(4 * act[1], rel=0.02)  # linear in N
+    assert float(rows["256"][4]) == pytest.approx(29.9, rel=0.03)  # the H100 measurement in README, batch 32
+    bench.main(["--preset", "tiny", "--image-size", "128", "--what", "train", "--batch", "2", "--warmup", "0",
+                "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "8x8x" in out and "(128px)" in out and "train (cached)" in out
