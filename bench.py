@@ -129,6 +129,9 @@ def sit_forward_flops(model, batch):
 # CUDA, whose autocast runs the QK LayerNorms in fp32 (their fp32 input copies, 8 D more).
 ACTIVATION_BYTES_PER_TOKEN = {"fp32": 92, "bf16": 62, "bf16-cpu": 54}  # x hidden size D, per block
 STATE_BYTES_PER_PARAM = {"fp32": 20, "bf16": 22}  # weights, grads, AdamW m and v, EMA (4 B each); bf16 +2: weight copies
+# Decoder working set per image in bytes per (channel x pixel) of its full-resolution level, from
+# the H100 decode rows at batch 64 in README / docs/h100 (peak minus the resident weights).
+DECODE_BYTES_PER_PIXEL_CHANNEL = {"fp32": 19, "bf16": 16}
 
 
 def sit_activation_bytes(cfg, batch, precision, device_type="cuda"):
@@ -157,7 +160,8 @@ def memory_table(args):
     e = 2 if args.precision == "bf16" else 4  # bytes per element of the matmul activations
     print(f"App. H memory (analytic, GiB) for {args.model} + the {args.ae} autoencoder, {args.precision}, "
           f"train batch {args.batch} per device, sampling {args.num_samples} images with CFG:")
-    print(f"{'image':>6}{'tokens':>8}{'states':>9}{'act/img':>9}{'train':>9}{'train ckpt':>12}{'sample':>9}")
+    print(f"{'image':>6}{'tokens':>8}{'states':>9}{'act/img':>9}{'train':>9}{'train ckpt':>12}{'decode/img':>12}"
+          f"{'sample':>9}")
     for size in sizes:
         with torch.device("meta"):
             ae = svg.SVGAutoencoder(svg.resize_ae_config(svg.AE_PRESETS[args.ae], size))
@@ -171,17 +175,19 @@ def memory_table(args):
                                     args.precision)
         # Sampling (no graph): EMA SiT + autoencoder weights, plus the larger working set of a SiT
         # forward on 2B images (CFG; inside the MLP: fp32 residual + two 4D hidden tensors per token)
-        # or of the decoder at full resolution (~4 tensors of ch x H x W: input, GroupNorm, SiLU, conv).
+        # and of decoding the B images (measured constant, DECODE_BYTES_PER_PIXEL_CHANNEL).
         N, D = cfg.input_size**2, cfg.hidden_size
-        work = max(2 * args.num_samples * N * (4 + 8 * e) * D, args.num_samples * 4 * ae.cfg.decoder_ch * size**2 * e)
-        sample = 4 * (params + ae_params) + work
-        gib = [x / 2**30 for x in (states, act, states + args.batch * act, states + ckpt, sample)]
-        print(f"{size:>6}{N:>8}" + "".join(f"{g:>{w}.2f}" for g, w in zip(gib, (9, 9, 9, 12, 9))))
+        decode = DECODE_BYTES_PER_PIXEL_CHANNEL.get(args.precision, 19) * ae.cfg.decoder_ch * size**2
+        sample = 4 * (params + ae_params) + args.num_samples * max(2 * N * (4 + 8 * e) * D, decode)
+        gib = [x / 2**30 for x in (states, act, states + args.batch * act, states + ckpt, decode, sample)]
+        print(f"{size:>6}{N:>8}" + "".join(f"{g:>{w}.2f}" for g, w in zip(gib, (9, 9, 9, 12, 12, 9))))
     print(f"states = {STATE_BYTES_PER_PARAM.get(args.precision, 20)} B per SiT parameter ({params / 1e6:.1f}M: "
           f"weights, grads, AdamW m and v, EMA{', bf16 weight copies' if args.precision == 'bf16' else ''}) + the "
           f"fp32 autoencoder ({ae_params / 1e6:.1f}M); act/img = sit_activation_bytes at batch 1 (SDPA, CUDA "
-          f"autocast); train = states + batch x act/img; train ckpt = with --grad-checkpointing; sample = "
-          f"weights + the larger working set (estimate). Allocator caching and fragmentation come on top.")
+          f"autocast); train = states + batch x act/img; train ckpt = with --grad-checkpointing; decode/img = the "
+          f"decoder's working set per image (measured at 256 px on an H100, scaled by pixels); sample = EMA SiT and "
+          f"autoencoder weights + batch x the larger of decode/img and a SiT forward's working set. Allocator "
+          f"caching and fragmentation come on top.")
 
 
 def counted_flops(fn, *inputs):

@@ -145,6 +145,24 @@ def test_train_dit_init_from_loads_model_and_ema_with_fresh_optimizer_and_stats(
     assert math.isfinite(loss) and "4x4 -> 8x8 features" in log
 
 
+def test_train_dit_init_from_the_official_layout(runs, tmp_path, monkeypatch):
+    """The official SVG-XL file ({"ema": ...}, reversed time, ln1, learn_sigma head, stored pos_embed)."""
+    ema = load(runs["dit64"])["ema"]
+    sd = {("ln1." + k[len("x_embedder."):] if k.startswith("x_embedder.") else k): v for k, v in ema.items()}
+    for k in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        sd[k] = torch.cat([sd[k]] * 2)
+    sd["pos_embed"] = svg.sincos_pos_embed_2d(128, 4, 4)[None]  # 64 px grid; the new run is 8x8
+    torch.save({"ema": sd}, tmp_path / "official.pt")
+    monkeypatch.setitem(train_dit.SYNTHETIC_DATA, "num_images", 4)
+    train_dit.main(DIT + ["--ae", runs["ae128"], "--out", str(tmp_path / "run"), "--steps", "1",
+                          "--init-from", str(tmp_path / "official.pt")])
+    new = load(tmp_path / "run" / "checkpoints" / "0000001.pt")
+    assert new["sit_config"]["reversed_time"] and new["sit_config"]["input_size"] == 8
+    for k, v in ema.items():  # model and EMA both start from the official EMA weights
+        torch.testing.assert_close(new["ema"][k], v + (1 - svg.EMA_DECAY) * (new["model"][k] - v), atol=1e-6,
+                                   rtol=1e-5)
+
+
 def test_sampling_export_and_edit_at_the_new_size(runs, tmp_path):
     ckpt = runs["dit128"]
     sample.main(["grid", "--ckpt", ckpt, "--classes", "0", "1", "--per-class", "1", "--steps", "2",
