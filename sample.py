@@ -152,18 +152,27 @@ def check_or_write_settings(out_dir, settings, dist):
 
 
 def merge_shards(out_dir, num_shards, settings):
-    """Shards in index order -> samples.npz (arr_0 uint8 NHWC + labels), written atomically."""
-    images, labels = [], []
+    """Shards in index order -> samples.npz (arr_0 uint8 NHWC + labels), written atomically.
+
+    The images go through a memory-mapped .npy on disk, so RAM stays at one shard at any size
+    (App. H: 50k samples are 39 GB at 512 px and 157 GB at 1024 px).
+    """
+    path, labels, arr = os.path.join(out_dir, "samples.npz"), [], None
     for k in range(num_shards):
         shard = torch.load(shard_path(out_dir, k), map_location="cpu", weights_only=True)
         assert shard["start"] == k * settings["shard_size"], f"{shard_path(out_dir, k)} is out of place"
-        images.append(shard["images"].numpy())
+        images = shard["images"].numpy()  # [n, H, W, 3]
+        if arr is None:
+            arr = np.lib.format.open_memmap(path + ".npy.tmp", "w+", np.uint8,
+                                            (settings["num_samples"], *images.shape[1:]))  # [N, H, W, 3]
+        arr[shard["start"]:shard["start"] + len(images)] = images
         labels.append(shard["labels"].numpy())
-    arr, labels = np.concatenate(images), np.concatenate(labels)  # [N, H, W, 3], [N]
-    assert len(arr) == settings["num_samples"]
-    path = os.path.join(out_dir, "samples.npz")
+    labels = np.concatenate(labels)  # [N]
+    assert len(labels) == settings["num_samples"]
     with open(path + ".tmp", "wb") as f:
-        np.savez(f, arr_0=arr, labels=labels)
+        np.savez(f, arr_0=arr, labels=labels)  # streams the memory map in chunks
+    del arr
+    os.remove(path + ".npy.tmp")
     os.replace(path + ".tmp", path)
     return path
 

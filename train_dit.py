@@ -336,6 +336,8 @@ def main(argv=None):
     # ---------------------------------------------------------------- model, EMA, optimizer
     cfg = svg.SiTConfig(**{**asdict(svg.SIT_PRESETS[args.model]), "in_channels": C, "input_size": grid,
                            "num_classes": num_classes, "grad_checkpointing": args.grad_checkpointing})
+    if ckpt is not None:  # a run started from the official weights (--init-from) keeps their reversed time
+        cfg = replace(cfg, reversed_time=ckpt["sit_config"].get("reversed_time", False))
     if init is not None:  # App. H: the source run's architecture on this run's feature grid
         cfg = replace(cfg, reversed_time=init[0].reversed_time)
         free = {"input_size", "grad_checkpointing", "class_dropout_prob"}  # not fixed by the weights

@@ -161,6 +161,8 @@ def test_train_dit_init_from_the_official_layout(runs, tmp_path, monkeypatch):
     for k, v in ema.items():  # model and EMA both start from the official EMA weights
         torch.testing.assert_close(new["ema"][k], v + (1 - svg.EMA_DECAY) * (new["model"][k] - v), atol=1e-6,
                                    rtol=1e-5)
+    train_dit.main(DIT + ["--ae", runs["ae128"], "--out", str(tmp_path / "run"), "--steps", "2", "--resume", "auto"])
+    assert load(tmp_path / "run" / "checkpoints" / "0000002.pt")["sit_config"]["reversed_time"]  # resumes as such
 
 
 def test_sampling_export_and_edit_at_the_new_size(runs, tmp_path):
