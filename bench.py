@@ -128,7 +128,8 @@ def sit_forward_flops(model, batch):
 # LayerNorms and the modulation in fp32 and the rest in bf16: 54 D bytes on a CPU, 62 D on
 # CUDA, whose autocast runs the QK LayerNorms in fp32 (their fp32 input copies, 8 D more).
 ACTIVATION_BYTES_PER_TOKEN = {"fp32": 92, "bf16": 62, "bf16-cpu": 54}  # x hidden size D, per block
-STATE_BYTES_PER_PARAM = {"fp32": 20, "bf16": 22}  # weights, grads, AdamW m and v, EMA (4 B each); bf16 +2: weight copies
+# Training state per SiT parameter: weights, grads, AdamW m and v, EMA (4 B each); bf16: + the weight copies.
+STATE_BYTES_PER_PARAM = {"fp32": 20, "bf16": 22}
 # Decoder working set per image in bytes per (channel x pixel) of its full-resolution level, from
 # the H100 decode rows at batch 64 in README / docs/h100 (peak minus the resident weights).
 DECODE_BYTES_PER_PIXEL_CHANNEL = {"fp32": 19, "bf16": 16}

@@ -1922,6 +1922,17 @@ def apply_preset(args, preset: dict):
     return args
 
 
+def check_init_from(parser, args, example_out):
+    """App. H: --init-from starts a new run (weights only, step 0) in its own --out; --resume continues one."""
+    if args.init_from and args.resume:
+        parser.error("--init-from starts a new run from another run's weights (step 0, fresh optimizers); --resume "
+                     "continues a run exactly. Pass one of them: --resume to continue this run, --init-from with a "
+                     "new --out to start a new one")
+    if args.init_from and args.out is None:
+        parser.error(f"--init-from starts a new run: give it its own --out (e.g. {example_out}), not the folder of "
+                     "the run it starts from")
+
+
 def latest_checkpoint(out):
     """The newest <out>/checkpoints/NNNNNNN.pt (scripts name checkpoints by step), or None."""
     paths = sorted(glob.glob(os.path.join(out, "checkpoints", "[0-9]" * 7 + ".pt")))

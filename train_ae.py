@@ -39,9 +39,9 @@ from tqdm import tqdm
 from svg import (
     ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, PATCH_SIZE, PRECISIONS, PatchGAN, ResumableSampler,
     SVGAutoencoder, adaptive_weight, align_residual, apply_preset, atomic_save, autocast, build_dataset,
-    gan_active, generator_loss, hinge_d_loss, init_distributed, latest_checkpoint, load_autoencoder, load_dinov3,
-    load_lpips, load_strict, psnr, reconstruction_loss, resample_pos_embed, resize_ae_config, rng_state,
-    save_image_grid, set_rng_state, set_seed, setup_precision, ssim,
+    check_init_from, gan_active, generator_loss, hinge_d_loss, init_distributed, latest_checkpoint,
+    load_autoencoder, load_dinov3, load_lpips, load_strict, psnr, reconstruction_loss, resample_pos_embed,
+    resize_ae_config, rng_state, save_image_grid, set_rng_state, set_seed, setup_precision, ssim,
 )
 
 # Defaults per preset; any flag given on the command line wins.
@@ -102,13 +102,7 @@ def parse_args(argv=None):
                    "preset's or the --init-from checkpoint's. Decoder attention stays at the same levels")
     args = p.parse_args(argv)
     apply_preset(args, PRESETS[args.preset])
-    if args.init_from and args.resume:
-        p.error("--init-from starts a new run from another run's weights (step 0, fresh optimisers); --resume "
-                "continues a run exactly. Pass one of them: --resume to continue this run, --init-from with a "
-                "new --out to start a new one")
-    if args.init_from and args.out is None:
-        p.error("--init-from starts a new run: give it its own --out (e.g. runs/ae-512), not the folder of the "
-                "run it starts from")
+    check_init_from(p, args, "runs/ae-512")
     args.out = args.out or os.path.join("runs", f"ae-{args.preset}")
     if args.data is None:
         p.error("--data is required with --preset paper: an ImageNet-style folder such as "

@@ -79,13 +79,7 @@ def parse_args(argv=None):
                    "e.g. trained at 256 px; the sin-cos table follows --ae's grid, feature stats are recomputed")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.init_from and args.resume:
-        p.error("--init-from starts a new run from another run's weights (step 0, fresh optimizer); --resume "
-                "continues a run exactly. Pass one of them: --resume to continue this run, --init-from with a "
-                "new --out to start a new one")
-    if args.init_from and args.out is None:
-        p.error("--init-from starts a new run: give it its own --out (e.g. runs/svg_xl_512), not the folder of "
-                "the run it starts from")
+    svg.check_init_from(p, args, "runs/svg_xl_512")
     svg.apply_preset(args, PRESETS[args.preset])
     if args.ae is None:
         p.error("--ae is required: the stage-1 autoencoder checkpoint the features come from (train_ae.py output "

@@ -77,7 +77,8 @@ def test_resize_ae_config_keeps_the_architecture():
     """Only the residual position table changes shape; attention stays at the same decoder levels."""
     for cfg, size in ((svg.AE_PRESETS["paper"], 512), (svg.AE_PRESETS["paper"], 1024), (svg.AE_PRESETS["tiny"], 128)):
         big = svg.resize_ae_config(cfg, size)
-        assert big.image_size == size and big.decoder_attn_resolutions[0] == cfg.decoder_attn_resolutions[0] * size // cfg.image_size
+        scale = size // cfg.image_size
+        assert big.image_size == size and big.decoder_attn_resolutions[0] == cfg.decoder_attn_resolutions[0] * scale
         with torch.device("meta"):
             a, b = ({k: v.shape for k, v in svg.SVGAutoencoder(c).state_dict().items()} for c in (cfg, big))
         assert a.keys() == b.keys()
@@ -105,7 +106,8 @@ def runs(tmp_path_factory):
     dit64 = str(root / "dit64" / "checkpoints" / "0000002.pt")
     train_dit.main(DIT + ["--ae", ae128, "--out", str(root / "dit128"), "--steps", "1", "--init-from", dit64])
     mp.undo()
-    return dict(root=root, ae64=ae64, ae128=ae128, dit64=dit64, dit128=str(root / "dit128" / "checkpoints" / "0000001.pt"))
+    dit128 = str(root / "dit128" / "checkpoints" / "0000001.pt")
+    return dict(root=root, ae64=ae64, ae128=ae128, dit64=dit64, dit128=dit128)
 
 
 def test_train_ae_init_from_starts_a_new_run_at_the_new_size(runs, tmp_path):
@@ -272,7 +274,7 @@ def test_bench_memory_table_and_image_size(capsys):
     rows = {line.split()[0]: line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)}
     assert [rows[s][1] for s in ("256", "512", "1024")] == ["256", "1024", "4096"]  # tokens
     act = [float(rows[s][3]) for s in ("256", "512", "1024")]
-    assert act[1] == pytest.approx(4 * act[0], rel=0.02) and act[2] == pytest.approx(4 * act[1], rel=0.02)  # linear in N
+    assert act[1] == pytest.approx(4 * act[0], rel=0.02) and act[2] == pytest.approx(4 * act[1], rel=0.02)  # ~ N
     assert float(rows["256"][4]) == pytest.approx(29.9, rel=0.03)  # the H100 measurement in README, batch 32
     bench.main(["--preset", "tiny", "--image-size", "128", "--what", "train", "--batch", "2", "--warmup", "0",
                 "--repeats", "1"])
