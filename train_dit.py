@@ -13,9 +13,9 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py --preset paper --cache /cache/in256 --ae ae.pt --out runs/svg_xl
     # CPU, minutes: synthetic images and a tiny stage-1 checkpoint
     python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0000300.pt --out runs/dit_tiny
-    # App. H: fine-tune SVG-XL at 512 px from its 256 px weights, on the 512 px autoencoder
+    # App. H: a new run at 512 px (25 epochs) from the 256 px weights, on the 512 px autoencoder
     torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae runs/ae-512/ae.pt \
-        --init-from runs/svg_xl/checkpoints/1750000.pt --out runs/svg_xl_512 --steps 125000
+        --init-from runs/svg_xl/checkpoints/1501367.pt --out runs/svg_xl_512 --steps 125114
 
 Randomness: horizontal flips are part of the dataset (item k = image k mod N, flipped when
 k >= N), and the noise, time and label dropout of a step are drawn for the whole global
@@ -360,7 +360,7 @@ def main(argv=None):
         log(f"initialised model and EMA from {args.init_from} ({init[0].input_size}x{init[0].input_size} -> "
             f"{grid}x{grid} features, sin-cos table rebuilt for {grid}x{grid}); step 0, fresh AdamW, feature "
             "statistics of this run's features (not the source run's)")
-        init = None
+        init = None  # free the source weights
     elif ckpt is None:
         svg.update_ema(ema, raw, decay=0)  # EMA starts as an exact copy
     else:
