@@ -86,6 +86,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per row (compilation happens here)")
     p.add_argument("--repeats", type=int, default=5, help="timed iterations per row")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device not in PEAK_TFLOPS")
+    p.add_argument("--image-size", type=int, help="App. H: run at this size (the autoencoder preset's "
+                   "architecture via svg.resize_ae_config; default its training size)")
+    p.add_argument("--memory", action="store_true", help="App. H: print the analytic memory of a training "
+                   "step and of sampling at 256/512/1024 px (or --image-size) and exit; no model is run")
     args = p.parse_args(argv)
     svg.apply_preset(args, PRESETS[args.preset])
     for flag in ("batch", "ae_batch", "num_samples", "repeats"):
@@ -95,6 +99,8 @@ def parse_args(argv=None):
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         p.error(f"--peak-tflops must be > 0 (the device's dense TFLOP/s for --precision), got {args.peak_tflops}")
+    if args.image_size is not None and (args.image_size < 1 or args.image_size % svg.PATCH_SIZE):
+        p.error(f"--image-size must be a positive multiple of {svg.PATCH_SIZE}, got {args.image_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device: run with --device cpu (or install a CUDA build)")
     return args
@@ -112,6 +118,77 @@ def sit_forward_flops(model, batch):
              + 2 * D * 6 * D)  # adaLN (one vector per image)
     io = 2 * N * C * D + 2 * (F * D + D * D) + 2 * D * 2 * D + 2 * N * D * C  # x/t embedders, final adaLN + linear
     return batch * (cfg.depth * block + io)
+
+
+# App. H memory, analytic (bytes). Per SiT block and token, what autograd saves for backward:
+# fp32: 23 D floats = the residual stream and both LayerNorm outputs (3 D), both modulated inputs
+# (2 D), qkv (3 D), QK-normed q and k (2 D), the attention output, the projection's input and
+# output (3 D), the MLP's 4D hidden before and after GELU (8 D), the MLP output (D), and once
+# more the residual stream into norm2 (D). bf16 autocast keeps the residual stream, its two
+# LayerNorms and the modulation in fp32 and the rest in bf16: 54 D bytes on a CPU, 62 D on
+# CUDA, whose autocast runs the QK LayerNorms in fp32 (their fp32 input copies, 8 D more).
+ACTIVATION_BYTES_PER_TOKEN = {"fp32": 92, "bf16": 62, "bf16-cpu": 54}  # x hidden size D, per block
+# Training state per SiT parameter: weights, grads, AdamW m and v, EMA (4 B each); bf16: + the weight copies.
+STATE_BYTES_PER_PARAM = {"fp32": 20, "bf16": 22}
+# Decoder working set per image in bytes per (channel x pixel) of its full-resolution level, from
+# the H100 decode rows at batch 64 in README / docs/h100 (peak minus the resident weights).
+DECODE_BYTES_PER_PIXEL_CHANNEL = {"fp32": 19, "bf16": 16}
+
+
+def sit_activation_bytes(cfg, batch, precision, device_type="cuda"):
+    """Bytes autograd keeps between forward and backward of one SiT training step (App. H).
+
+    Per block and token ACTIVATION_BYTES_PER_TOKEN x D plus 4 (5 H + 4) bytes of LayerNorm
+    statistics and attention log-sum-exp, plus 40 B D per block for the per-image modulation.
+    Attention is SDPA (flash / memory-efficient / CPU flash): no N x N matrix is stored (the
+    math backend would add B H N^2 elements per block). With grad_checkpointing a block keeps
+    only its fp32 input (4 D per token) and one block is recomputed at a time. The embedders,
+    final layer and loss are counted roughly (3 D + 4 C floats per token, < 1% for SiT-XL).
+    tests/test_resolution.py checks the per-block count against autograd's saved tensors on a CPU.
+    """
+    N, D, H, C = cfg.input_size**2, cfg.hidden_size, cfg.num_heads, cfg.in_channels
+    key = precision if precision != "bf16" or device_type == "cuda" else "bf16-cpu"
+    block = batch * N * (ACTIVATION_BYTES_PER_TOKEN.get(key, 92) * D + 4 * (5 * H + 4)) + 40 * batch * D
+    io = batch * N * 4 * (3 * D + 4 * C)
+    if cfg.grad_checkpointing:
+        return cfg.depth * batch * N * 4 * D + block + io
+    return cfg.depth * block + io
+
+
+def memory_table(args):
+    """App. H: analytic GiB of a stage-2 training step and of sampling at 256, 512 and 1024 px."""
+    sizes = [args.image_size] if args.image_size else [256, 512, 1024]
+    e = 2 if args.precision == "bf16" else 4  # bytes per element of the matmul activations
+    print(f"App. H memory (analytic, GiB) for {args.model} + the {args.ae} autoencoder, {args.precision}, "
+          f"train batch {args.batch} per device, sampling {args.num_samples} images with CFG:")
+    print(f"{'image':>6}{'tokens':>8}{'states':>9}{'act/img':>9}{'train':>9}{'train ckpt':>12}{'decode/img':>12}"
+          f"{'sample':>9}")
+    for size in sizes:
+        with torch.device("meta"):
+            ae = svg.SVGAutoencoder(svg.resize_ae_config(svg.AE_PRESETS[args.ae], size))
+            cfg = svg.SiTConfig(**{**asdict(svg.SIT_PRESETS[args.model]), "in_channels": ae.feature_dim,
+                                   "input_size": size // svg.PATCH_SIZE})
+            params = sum(p.numel() for p in svg.SiT(cfg).parameters())
+        ae_params = sum(p.numel() for p in ae.parameters())
+        states = STATE_BYTES_PER_PARAM.get(args.precision, 20) * params + 4 * ae_params  # + frozen encoder
+        act = sit_activation_bytes(cfg, 1, args.precision)
+        ckpt = sit_activation_bytes(svg.SiTConfig(**{**asdict(cfg), "grad_checkpointing": True}), args.batch,
+                                    args.precision)
+        # Sampling (no graph): EMA SiT + autoencoder weights, plus the larger working set of a SiT
+        # forward on 2B images (CFG; inside the MLP: fp32 residual + two 4D hidden tensors per token)
+        # and of decoding the B images (measured constant, DECODE_BYTES_PER_PIXEL_CHANNEL).
+        N, D = cfg.input_size**2, cfg.hidden_size
+        decode = DECODE_BYTES_PER_PIXEL_CHANNEL.get(args.precision, 19) * ae.cfg.decoder_ch * size**2
+        sample = 4 * (params + ae_params) + args.num_samples * max(2 * N * (4 + 8 * e) * D, decode)
+        gib = [x / 2**30 for x in (states, act, states + args.batch * act, states + ckpt, decode, sample)]
+        print(f"{size:>6}{N:>8}" + "".join(f"{g:>{w}.2f}" for g, w in zip(gib, (9, 9, 9, 12, 12, 9))))
+    print(f"states = {STATE_BYTES_PER_PARAM.get(args.precision, 20)} B per SiT parameter ({params / 1e6:.1f}M: "
+          f"weights, grads, AdamW m and v, EMA{', bf16 weight copies' if args.precision == 'bf16' else ''}) + the "
+          f"fp32 autoencoder ({ae_params / 1e6:.1f}M); act/img = sit_activation_bytes at batch 1 (SDPA, CUDA "
+          f"autocast); train = states + batch x act/img; train ckpt = with --grad-checkpointing; decode/img = the "
+          f"decoder's working set per image (measured at 256 px on an H100, scaled by pixels); sample = EMA SiT and "
+          f"autoencoder weights + batch x the larger of decode/img and a SiT forward's working set. Allocator "
+          f"caching and fragmentation come on top.")
 
 
 def counted_flops(fn, *inputs):
@@ -168,13 +245,17 @@ def cpu_name():
 def main(argv=None):
     # ---------------------------------------------------------------- config, device, seed
     args = parse_args(argv)
+    if args.memory:
+        return memory_table(args)
     device = torch.device(args.device)
     svg.setup_precision(args.precision)
     svg.set_seed(0)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
     # ---------------------------------------------------------------- models (random weights) and inputs
-    ae = svg.SVGAutoencoder(svg.AE_PRESETS[args.ae]).to(device).eval().requires_grad_(False)
+    ae_cfg = svg.AE_PRESETS[args.ae]
+    ae_cfg = svg.resize_ae_config(ae_cfg, args.image_size) if args.image_size else ae_cfg  # App. H
+    ae = svg.SVGAutoencoder(ae_cfg).to(device).eval().requires_grad_(False)
     ae.align_stats = "batch"  # random weights have no frozen Eq. (6) statistics; the same cost
     C, grid, size = ae.feature_dim, ae.cfg.image_size // svg.PATCH_SIZE, ae.cfg.image_size
     cfg = svg.SiTConfig(**{**asdict(svg.SIT_PRESETS[args.model]), "in_channels": C, "input_size": grid,

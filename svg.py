@@ -50,7 +50,7 @@ import socket
 import tempfile
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -474,6 +474,27 @@ def load_dinov3(path, arch="dinov3_vits16plus"):
 # ----------------------------------------------------------------------------------
 # Residual encoder F_R and distribution alignment (Sec. 3.3, Eq. 6)
 # ----------------------------------------------------------------------------------
+def resample_pos_embed(pos, h, w):
+    """App. H: a learned ViT position embedding [1, 1 + n*n, D] (class token first) -> [1, 1 + h*w, D].
+
+    The n x n grid part is resized bicubically as timm's resample_abs_pos_embed does (at least
+    fp32, align_corners=False, antialiased when shrinking; torchvision's interpolate_embeddings
+    differs only in align_corners=True); the class token is kept as is. The same size returns
+    `pos` itself. Used on the fly for other input sizes and, once, to start a run at a new
+    resolution from a checkpoint (train_ae.py --init-from). Not in the official code, whose
+    torchvision ViT accepts 256 px only.
+    """
+    n = math.isqrt(pos.shape[1] - 1)
+    if pos.ndim != 3 or pos.shape[0] != 1 or n * n != pos.shape[1] - 1:
+        raise ValueError(f"expected a position embedding [1, 1 + n*n, D], got {tuple(pos.shape)}")
+    if (h, w) == (n, n):
+        return pos
+    grid = pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # [1, D, n, n]
+    grid = grid.to(torch.promote_types(pos.dtype, torch.float32))  # bf16 / fp16 weights: resample in fp32
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False, antialias=True)  # [1, D, h, w]
+    return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2).to(pos.dtype)], 1)  # [1, 1 + hw, D]
+
+
 class ViTEncoderBlock(nn.Module):
     """Pre-norm ViT block (torchvision EncoderBlock names: ln_1, self_attention, ln_2, mlp.0/mlp.3)."""
 
@@ -508,12 +529,8 @@ class ViTEncoder(nn.Module):
         self.ln = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x, h, w):
-        pos = self.pos_embedding  # [1, 1 + n*n, D] for the training image size
-        n = math.isqrt(pos.shape[1] - 1)
-        if (h, w) != (n, n):  # another input size: bicubic-resize the grid part (not in the official code)
-            grid = pos[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)  # [1, D, n, n]
-            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)  # [1, D, h, w]
-            pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], 1)  # [1, 1 + hw, D]
+        # [1, 1 + n*n, D] stored for the training size; another input size resamples it on the fly
+        pos = resample_pos_embed(self.pos_embedding, h, w)  # [1, 1 + hw, D]
         return self.ln(self.layers(self.dropout(x + pos)))
 
 
@@ -726,6 +743,23 @@ AE_PRESETS = {
     "tiny": AEConfig(image_size=64, residual_depth=2, residual_width=128, residual_heads=4, residual_mlp=256,
                      residual_dropout=0.0, decoder_ch=32, decoder_num_res_blocks=1, decoder_attn_resolutions=(4,)),
 }
+
+
+def resize_ae_config(cfg: AEConfig, image_size: int) -> AEConfig:
+    """App. H: the same autoencoder at another image size, "without architectural modifications".
+
+    image_size sizes the residual encoder's position embedding (its weights are resampled on
+    loading by resample_pos_embed; DINOv3's RoPE and the conv decoder take any size) and
+    names the decoder's attention levels in pixels / 2**levels (LDM): (16,) at 256 px is the
+    16x16 level, which is (32,) at 512 px. Scaling them keeps attention at the same levels.
+    """
+    if image_size % PATCH_SIZE or image_size <= 0:
+        raise ValueError(f"image size {image_size} must be a positive multiple of {PATCH_SIZE}")
+    attn = tuple(r * image_size // cfg.image_size for r in cfg.decoder_attn_resolutions)
+    if any(r * image_size % cfg.image_size for r in cfg.decoder_attn_resolutions):
+        raise ValueError(f"decoder_attn_resolutions {cfg.decoder_attn_resolutions} at {cfg.image_size} px do not "
+                         f"scale to whole resolutions at {image_size} px")
+    return replace(cfg, image_size=image_size, decoder_attn_resolutions=attn)
 
 
 class SVGAutoencoder(nn.Module):
@@ -2048,6 +2082,14 @@ def positive_int(text):
     return value
 
 
+def nonnegative_int(text):
+    """argparse type: an integer >= 0 (train_ae --steps 0 writes the initial state, e.g. an --init-from)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def finite_float(text):
     """argparse type: a finite float (no nan / inf)."""
     value = float(text)
@@ -2201,6 +2243,17 @@ def apply_preset(args, preset: dict):
         setattr(args, key, preset[key])
     args.preset_defaults = filled
     return args
+
+
+def check_init_from(parser, args, example_out):
+    """App. H: --init-from starts a new run (weights only, step 0) in its own --out; --resume continues one."""
+    if args.init_from and args.resume:
+        parser.error("--init-from starts a new run from another run's weights (step 0, fresh optimizers); --resume "
+                     "continues a run exactly. Pass one of them: --resume to continue this run, --init-from with a "
+                     "new --out to start a new one")
+    if args.init_from and args.out is None:
+        parser.error(f"--init-from starts a new run: give it its own --out (e.g. {example_out}), not the folder of "
+                     "the run it starts from")
 
 
 CHECKPOINT_GLOB = "[0-9]" * 7 + ".pt"  # <out>/checkpoints/NNNNNNN.pt, named by step

@@ -12,6 +12,9 @@ reconstruction.
         --lpips-vgg vgg16-397923af.pth --lpips-heads vgg.pth
     # tiny, CPU, a few minutes, no downloads (synthetic shapes, random DINO):
     python train_ae.py --preset tiny
+    # App. H: a new run at 512 px from the 256 px weights (step 0, fresh optimisers, own --out)
+    torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet/train --init-from \
+        runs/ae-paper/checkpoints/0100000.pt --image-size 512 --out runs/ae-512 ...
 
 Under DDP the residual encoder, mask token, decoder and discriminator are synchronised;
 the frozen DINO is not a DDP parameter. Each rank sees its own batch in three places, as in
@@ -45,11 +48,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from svg import (
-    ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, LPIPS_HEAD_DROPOUT, PRECISIONS, PatchGAN, ResumableSampler,
-    SVGAutoencoder, adaptive_weight, apply_preset, atomic_save, autocast, build_dataset,
-    claim_output, gan_active, generator_loss, hinge_d_loss, init_distributed, load_dinov3, load_lpips,
-    load_strict, nonfinite_tensors, positive_float, positive_int, psnr, reconstruction_loss, resume_checkpoint,
-    resume_lr, rng_state, save_image_grid, set_rng_state, set_seed, setup_precision, skipped_note, ssim,
+    ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, LPIPS_HEAD_DROPOUT, PATCH_SIZE, PRECISIONS, TRUST_PICKLE_HELP,
+    PatchGAN, ResumableSampler, SVGAutoencoder, adaptive_weight, apply_preset, atomic_save, autocast, build_dataset,
+    check_init_from, claim_output, gan_active, generator_loss, hinge_d_loss, init_distributed, load_autoencoder,
+    load_checkpoint, load_dinov3, load_lpips, load_strict, nonfinite_tensors, nonnegative_int, positive_float, positive_int, psnr,
+    reconstruction_loss, resample_pos_embed, resize_ae_config, resume_checkpoint, resume_lr, rng_state,
+    save_image_grid, set_rng_state, set_seed, setup_precision, skipped_note, ssim,
 )
 
 # Defaults per preset; any flag given on the command line wins.
@@ -96,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--global-batch", type=positive_int)
     p.add_argument("--grad-accum", type=positive_int, help="micro-batches per rank and step (memory); the "
                    "adaptive weight, Eq. (6) statistics and D's BatchNorm then see micro-batches")
-    p.add_argument("--steps", type=positive_int, help="training iterations")
+    p.add_argument("--steps", type=nonnegative_int, help="training iterations (0: write the initial state)")
     p.add_argument("--lr", type=positive_float, help="Adam lr of the AE and the discriminator; on --resume "
                    "the checkpoint's unless given")
     p.add_argument("--disc-start", type=int, help="first iteration (0-based) with the GAN terms")
@@ -119,20 +123,27 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=positive_int)
     p.add_argument("--ckpt-every", type=positive_int)
     p.add_argument("--resume", help="checkpoint path, or 'auto' = the latest readable in <out>/checkpoints if any")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    p.add_argument("--init-from", metavar="PATH", help="App. H: start a NEW run (step 0, fresh optimisers, "
+                   "own --out) from the weights of a train_ae.py or official checkpoint, e.g. of another "
+                   "resolution; its AEConfig replaces the preset's (--ae-set still applies)")
+    p.add_argument("--image-size", type=positive_int, help="train at this size (App. H: 512, 1024); default: the "
+                   "preset's or the --init-from checkpoint's. Decoder attention stays at the same levels")
     args = p.parse_args(argv)
     apply_preset(args, PRESETS[args.preset])
+    check_init_from(p, args, "runs/ae-512")
     args.out = args.out or os.path.join("runs", f"ae-{args.preset}")
     if args.data is None:
         p.error("--data is required with --preset paper: an ImageNet-style folder such as "
                 "/path/imagenet/train (class sub-folders), or 'synthetic'")
-    if args.preset == "paper" and not (args.dino_weights or args.resume):
+    if args.preset == "paper" and not (args.dino_weights or args.resume or args.init_from):
         p.error("--preset paper needs the DINOv3 weights: pass --dino-weights "
                 "/path/to/dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth")
     return args
 
 
-def ae_config(args):
-    """The preset's AEConfig with the --ae-set overrides."""
+def ae_config(args, base=None):
+    """The preset's AEConfig (or `base`, the --init-from checkpoint's) with the --ae-set overrides."""
     fields = {f.name for f in dataclasses.fields(AE_PRESETS["paper"])}
     overrides = {}
     for item in args.ae_set:
@@ -143,7 +154,7 @@ def ae_config(args):
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value  # a bare string such as align=none
-    return dataclasses.replace(AE_PRESETS[args.preset], **overrides)
+    return dataclasses.replace(base or AE_PRESETS[args.preset], **overrides)
 
 
 class Reconstruct(nn.Module):
@@ -221,7 +232,13 @@ def spread(n, k):
 def main(argv=None):
     # ---- config
     args = parse_args(argv)
-    cfg = ae_config(args)
+    source = None
+    if args.init_from:  # App. H: weights and AEConfig of another run (e.g. 256 px), any format load_autoencoder reads
+        init = load_checkpoint(args.init_from, "--init-from", args.trust_pickle)  # our own / the authors' file
+        source = load_autoencoder(init, args.dino_weights)  # --dino-weights, if given, replaces its DINO
+    cfg = ae_config(args, source.cfg if source else None)
+    if args.image_size:
+        cfg = resize_ae_config(cfg, args.image_size)  # App. H: same architecture at another size
 
     # ---- distributed init, precision
     dist = init_distributed()
@@ -320,6 +337,17 @@ def main(argv=None):
         else:
             log(f"world size changed ({len(ckpt['rng'])} -> {dist.world_size}): RNG streams re-seeded")
         log(f"resumed from {resume} at iteration {step}")
+    elif source is not None:  # App. H: weights only; optimisers, step 0, data order and RNG start fresh
+        state = source.state_dict()
+        key = "residual.encoder.pos_embedding"
+        if key in state:  # [1, 1 + n*n, D] -> [1, 1 + h*w, D] for this run's grid, class token kept
+            state[key] = resample_pos_embed(state[key], size // PATCH_SIZE, size // PATCH_SIZE)
+        load_strict(ae, state, f"--init-from {args.init_from}")
+        if isinstance(init, dict) and "disc" in init:  # PatchGAN is fully convolutional: any size
+            disc.load_state_dict(init["disc"])
+        log(f"initialised from {args.init_from} ({source.cfg.image_size} px -> {size} px; autoencoder"
+            f"{' and discriminator' if 'disc' in init else ', fresh discriminator'}), step 0, fresh optimisers")
+        del source, init, state
     elif args.dino_weights:
         ae.dino.load_state_dict(load_dinov3(args.dino_weights, cfg.dino_arch).state_dict())
     else:

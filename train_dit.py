@@ -13,6 +13,9 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py --preset paper --cache /cache/in256 --ae ae.pt --out runs/svg_xl
     # CPU, minutes: synthetic images and a tiny stage-1 checkpoint
     python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0000300.pt --out runs/dit_tiny
+    # App. H: a new run at 512 px (25 epochs) from the 256 px weights, on the 512 px autoencoder
+    torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae runs/ae-512/ae.pt \
+        --init-from runs/svg_xl/checkpoints/1501367.pt --out runs/svg_xl_512 --steps 125114
     # Fig. 14: also score the EMA model every 10K steps on FID-10K (not comparable with FID-50K)
     torchrun --nproc_per_node=8 train_dit.py ... --fid-every 10000 --fid-ref VIRTUAL_imagenet256_labeled.npz \
         --fid-inception pt_inception-2015-12-05-6726825d.pth
@@ -45,7 +48,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -100,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", help='checkpoint path, or "auto" = the newest readable in <out>/checkpoints '
                                     '(fresh if none)')
     p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
+    p.add_argument("--init-from", metavar="PATH", help="App. H: start a NEW run (step 0, fresh AdamW, own --out) "
+                   "from the model and EMA weights of a train_dit.py checkpoint or the official SVG-XL file, "
+                   "e.g. trained at 256 px; the sin-cos table follows --ae's grid, feature stats are recomputed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid-every", type=int, help="Fig. 14: every K steps (and at the end) score the EMA model on "
                    "FID-N, IS, logged to metrics.jsonl; needs --fid-ref and --fid-inception")
@@ -111,6 +117,7 @@ def parse_args(argv=None):
                    '"--cfg-scale 1.5 --zero-init-steps 1" (default: export\'s: 25 Euler steps, cfg 1, balanced '
                    "labels, seed 0); the online number is that export's `eval.py fid`")
     args = p.parse_args(argv)
+    svg.check_init_from(p, args, "runs/svg_xl_512")
     svg.apply_preset(args, PRESETS[args.preset])
     if args.fid_every is not None:
         if args.fid_every < 1 or args.fid_ref is None or args.fid_inception is None:
@@ -146,6 +153,22 @@ def load_trained_autoencoder(path, trust_pickle=False):
         raise ValueError(f"--ae {path!r} was saved at step 0: its residual encoder and decoder are random "
                          "weights. Train the autoencoder first (train_ae.py) or pass a trained checkpoint")
     return svg.load_autoencoder(ckpt)
+
+
+def init_weights(path, trust_pickle=False):
+    """App. H: (SiTConfig, model state, EMA state) of a train_dit.py checkpoint or the official SVG-XL file.
+
+    The state dicts do not depend on the image size: pos_embed is a fixed, unsaved buffer that
+    SiT rebuilds for its own grid (sincos_pos_embed_2d), so 16x16 weights load into a 32x32 SiT.
+    """
+    ckpt = svg.load_checkpoint(path, "--init-from", trust_pickle)  # our own / the authors' file
+    if isinstance(ckpt, dict) and "sit_config" in ckpt:
+        return svg.SiTConfig(**ckpt["sit_config"]), ckpt["model"], ckpt["ema"]
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
+        state = svg.import_official_sit(ckpt["ema"]).state_dict()  # official: EMA weights only, reversed time
+        return svg.official_sit_config(ckpt["ema"]), state, state
+    raise ValueError(f"--init-from {path!r} is not a stage-2 checkpoint: expected a train_dit.py checkpoint "
+                     "(key 'sit_config') or the official SVG-XL file {'ema': DiT state dict}")
 
 
 def fingerprint(module):
@@ -318,6 +341,7 @@ def main(argv=None):
 
     log(f"train_dit.py {json.dumps(vars(args))} | {dist.world_size} process(es) on {device}")
     resume, ckpt = svg.resume_checkpoint(args.resume, args.out, log, "--resume checkpoint", args.trust_pickle)
+    init = init_weights(args.init_from, args.trust_pickle) if args.init_from else None  # App. H: (SiTConfig, model, EMA)
 
     # ---------------------------------------------------------------- frozen autoencoder and data
     ae = load_trained_autoencoder(args.ae, args.trust_pickle)
@@ -372,6 +396,16 @@ def main(argv=None):
     # ---------------------------------------------------------------- model, EMA, optimizer
     cfg = svg.SiTConfig(**{**asdict(svg.SIT_PRESETS[args.model]), "in_channels": C, "input_size": grid,
                            "num_classes": num_classes, "grad_checkpointing": args.grad_checkpointing})
+    if ckpt is not None:  # a run started from the official weights (--init-from) keeps their reversed time
+        cfg = replace(cfg, reversed_time=ckpt["sit_config"].get("reversed_time", False))
+    if init is not None:  # App. H: the source run's architecture on this run's feature grid
+        cfg = replace(cfg, reversed_time=init[0].reversed_time)
+        free = {"input_size", "grad_checkpointing", "class_dropout_prob"}  # not fixed by the weights
+        diff = [f"{k} {v} there, {getattr(cfg, k)} here" for k, v in asdict(init[0]).items()
+                if k not in free and getattr(cfg, k) != v]
+        if diff:
+            raise ValueError(f"--init-from {args.init_from} does not fit this run ({'; '.join(diff)}): pass the same "
+                             "--model, an --ae with the same feature channels and data with the same classes")
     with torch.random.fork_rng(devices=[]):  # init depends on --seed only, not on the world size
         torch.manual_seed(args.seed)
         raw = svg.SiT(cfg).to(device)
@@ -386,7 +420,14 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- resume
     step = 0
-    if ckpt is None:
+    if init is not None:  # App. H: model and EMA weights only; AdamW, step, data order and stats start fresh
+        svg.load_strict(raw, init[1], f"--init-from {args.init_from} (model)")
+        svg.load_strict(ema, init[2], f"--init-from {args.init_from} (EMA)")
+        log(f"initialised model and EMA from {args.init_from} ({init[0].input_size}x{init[0].input_size} -> "
+            f"{grid}x{grid} features, sin-cos table rebuilt for {grid}x{grid}); step 0, fresh AdamW, feature "
+            "statistics of this run's features (not the source run's)")
+        init = None  # free the source weights
+    elif ckpt is None:
         svg.update_ema(ema, raw, decay=0)  # EMA starts as an exact copy
     else:
         if ckpt["sit_config"] != asdict(cfg):
