@@ -985,8 +985,10 @@ def score_generator(gen, sampler, inception, ref, dist, batch_size=100, fid_meth
     pool3 = torch.cat([p for _, p, _ in parts])[order]  # [N, 2048]
     logits = torch.cat([l for _, _, l in parts])[order]  # [N, 1008]
     fid, is_mean, is_std = generation_metrics(pool3, logits, ref, dist.device, fid_method)
-    return dict(fid=fid, inception_score=is_mean, inception_score_std=is_std, num_samples=len(pool3),
-                metric=fid_name(len(pool3)))
+    r = dict(fid=fid, inception_score=is_mean, inception_score_std=is_std, num_samples=len(pool3),
+             metric=fid_name(len(pool3)))
+    check_finite_metrics(r)  # a NaN score is an error, in a sweep as in `eval.py fid`
+    return r
 
 
 def pyplot():
