@@ -945,15 +945,38 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(nll, g_loss, last_layer: torch.Tensor, disc_weight: float = DISC_WEIGHT):
+def adaptive_weight(grad_nll: torch.Tensor, grad_gan: torch.Tensor, disc_weight: float = DISC_WEIGHT):
     """LDM's GAN balance ||grad_W nll|| / (||grad_W g|| + 1e-4), clamped [0, 1e4], detached, x 0.5.
 
-    W is the decoder's last conv weight. Gradients are this process's (as officially under DDP).
+    grad_nll, grad_gan: the gradients of nll and g w.r.t. W, the decoder's last conv weight
+    (this process's, as officially under DDP; autoencoder_backward computes them).
     """
-    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = g_nll.norm() / (g_gan.norm() + 1e-4)
+    w = grad_nll.norm() / (grad_gan.norm() + 1e-4)
     return w.clamp(0, ADAPTIVE_WEIGHT_MAX).detach() * disc_weight
+
+
+def autoencoder_backward(x_hat, x_cut, nll, g_loss=None, last_layer=None, disc_weight: float = DISC_WEIGHT,
+                         scale: float = 1.0):
+    """Backward of the stage-1 loss nll + lambda * g (App. A), LPIPS and D differentiated once.
+
+    x_hat: the decoder output (in the autoencoder's graph); x_cut = x_hat.detach().requires_grad_(),
+    the tensor nll and g_loss (None: no GAN term yet) were computed from. LDM's formulation
+    differentiates LPIPS and D twice (autograd.grad of nll and g at W, then the full backward);
+    but every gradient of the AE goes through x_hat: dL/dW = J_W^T dL/dx_hat. So dnll/dx_hat and
+    dg/dx_hat are computed once each, the two last-layer gradients of the adaptive weight lambda
+    come from them through the last conv alone, and J^T (dnll/dx_hat + lambda dg/dx_hat) * scale
+    goes through the decoder and encoder once. Returns lambda (0 without g_loss).
+    """
+    grad = torch.autograd.grad(nll, x_cut)[0]  # [B, 3, H, W] dnll/dx_hat: L1 + LPIPS backward
+    d_weight = torch.zeros((), device=x_hat.device)
+    if g_loss is not None:
+        grad_gan = torch.autograd.grad(g_loss, x_cut)[0]  # [B, 3, H, W] dg/dx_hat: D backward
+        w_nll, w_gan = (torch.autograd.grad(x_hat, last_layer, g, retain_graph=True)[0]  # last conv only
+                        for g in (grad, grad_gan))
+        d_weight = adaptive_weight(w_nll, w_gan, disc_weight)
+        grad = grad + d_weight * grad_gan
+    x_hat.backward(grad * scale)  # decoder + encoder, once
+    return d_weight
 
 
 def gan_active(step: int, disc_start: int) -> bool:

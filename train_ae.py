@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from svg import (
     ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, PRECISIONS, PatchGAN, ResumableSampler,
-    SVGAutoencoder, adaptive_weight, align_residual, apply_preset, atomic_save, autocast, build_dataset,
+    SVGAutoencoder, align_residual, apply_preset, atomic_save, autocast, autoencoder_backward, build_dataset,
     gan_active, generator_loss, hinge_d_loss, init_distributed, latest_checkpoint, load_dinov3, load_lpips,
     load_strict, psnr, reconstruction_loss, rng_state, save_image_grid, set_rng_state, set_seed,
     setup_precision, ssim,
@@ -332,13 +332,15 @@ def main(argv=None):
                 with grad_sync(model, i == last):
                     with autocast(args.precision, device):
                         x_hat = model(x_m).float()
-                        nll, l1, lp = reconstruction_loss(x_m, x_hat, lpips)
-                        g_loss = d_weight = torch.zeros((), device=device)
+                        x_cut = x_hat.detach().requires_grad_()  # LPIPS and D end at x_hat
+                        nll, l1, lp = reconstruction_loss(x_m, x_cut, lpips)
+                        g_loss = None
                         if gan:  # the raw D: the generator step must not synchronise D's gradients
-                            g_loss = generator_loss(disc(x_hat))
-                            d_weight = adaptive_weight(nll, g_loss, last_layer, args.disc_weight)
-                    ((nll + d_weight * g_loss) / len(chunks)).backward()
-                fakes.append(x_hat.detach())
+                            g_loss = generator_loss(disc(x_cut))
+                    d_weight = autoencoder_backward(x_hat, x_cut, nll, g_loss, last_layer, args.disc_weight,
+                                                    scale=1 / len(chunks))
+                    g_loss = torch.zeros((), device=device) if g_loss is None else g_loss
+                fakes.append(x_cut.detach())
                 stats.append(torch.stack([nll, l1, lp, g_loss, d_weight]).detach())
             opt_ae.step()
 
