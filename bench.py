@@ -15,6 +15,15 @@ latency at batch 1). sample: N images, Euler ODE with CFG (App. A) + decode. fid
 FID InceptionV3 on uint8 images, in exact fp32 as `eval.py fid` runs it. Everything else
 runs under the one --precision autocast (encode/decode rows included).
 
+Side by side (what "peers", optional): our FID Inception, LPIPS and DINOv3 against the
+packages people would otherwise use (pytorch-fid's InceptionV3([3]), lpips' LPIPS(net="vgg"),
+transformers' DINOv3ViTModel), each pair with the same random weights, at --peer-size px and
+--ae-batch, in fp32, timed interleaved (ours, theirs, ours, ...) so that load on a shared
+machine hits both; it prints the medians, min-max, their time / our time per pair and the
+largest output difference, with the load average. Runs for whichever packages import:
+    pip install --no-deps lpips pytorch-fid torchvision   # (transformers: any 4.56+ / 5.x)
+    python bench.py --preset tiny --what peers --repeats 9
+
 Columns. ms/iter: median over --repeats (min-max beside it); images/s = batch / median.
 FLOPs are model FLOPs, 2 per multiply-add, of matrix products only (Linear layers,
 convolutions, attention QK^T and AV); norms, activations, softmax and the embedding lookup
@@ -34,9 +43,12 @@ OMP_NUM_THREADS=1 was 3-10x faster on a busy 2-core machine. Compare both; keep 
 
 import argparse
 import copy
+import importlib
+import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict
 
@@ -58,9 +70,11 @@ PRESETS = {  # per-device batches: training step, encoder/decoder/Inception thro
     "paper": dict(model="SiT-XL", ae="paper", batch=32, ae_batch=64, num_samples=64, precision="bf16"),
     "tiny": dict(model="SiT-tiny", ae="tiny", batch=16, ae_batch=8, num_samples=8, precision="fp32"),
 }
-WHAT = ("train", "encode", "decode", "sample", "fid")
+WHAT = ("train", "encode", "decode", "sample", "fid", "peers")
 CFG_SCALE = 1.5  # the paper's "w/ CFG" sampling (App. A)
 SAMPLE_STEPS = 25  # Euler steps = NFE (App. A)
+PEER_PACKAGES = "lpips pytorch-fid torchvision transformers"  # bench-only extras, never runtime dependencies
+PEER_SIZE = 256  # image size of the side-by-side rows (the FID Inception resizes to 299 anyway)
 
 
 def what_list(text):
@@ -86,9 +100,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations per row (compilation happens here)")
     p.add_argument("--repeats", type=int, default=5, help="timed iterations per row")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU on a device not in PEAK_TFLOPS")
+    p.add_argument("--peer-size", type=int, default=PEER_SIZE, help="image size of the side-by-side (peers) rows")
     args = p.parse_args(argv)
     svg.apply_preset(args, PRESETS[args.preset])
-    for flag in ("batch", "ae_batch", "num_samples", "repeats"):
+    for flag in ("batch", "ae_batch", "num_samples", "repeats", "peer_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.warmup < 0:
@@ -163,6 +178,137 @@ def cpu_name():
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "cpu"
+
+
+# ---------------------------------------------------------------- optional: side by side with the reference packages
+
+
+def import_peers():
+    """{name: module} of the importable reference packages: lpips, pytorch_fid.inception, transformers.
+
+    lpips and pytorch-fid import torchvision. Where the only torchvision wheel for this torch
+    is a CUDA build beside a CPU torch, its import fails with "operator torchvision::nms does
+    not exist" (its compiled ops do not load); defining the two operator schemas its meta
+    registrations need, and importing again, makes it importable (no torchvision op is used).
+    """
+    def load(name):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[mod]  # the half-imported package
+        lib = torch.library.Library("torchvision", "DEF")  # kept alive as an attribute below
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import_peers.torchvision_schemas = lib
+    peers = {"lpips": load("lpips"), "pytorch_fid": load("pytorch_fid.inception"), "transformers": load("transformers")}
+    return {k: v for k, v in peers.items() if v is not None}
+
+
+def peer_pairs(peers, device, batch, size, dino_arch):
+    """(name, ours(), theirs(), peer) per importable peer package, both sides with the same random weights."""
+    pairs = []
+    if "pytorch_fid" in peers:  # eval.FIDInceptionV3 vs pytorch-fid's InceptionV3([3]) on [0, 1] float images
+        ours = FIDInceptionV3()
+        for m in ours.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        fid, download = peers["pytorch_fid"], peers["pytorch_fid"].load_state_dict_from_url
+        fid.load_state_dict_from_url = lambda *a, **k: ours.state_dict()  # its weights file = ours, random
+        try:
+            theirs = fid.InceptionV3([3])
+        finally:
+            fid.load_state_dict_from_url = download
+        ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
+        x = torch.rand(batch, 3, size, size, device=device)
+        pairs.append(("fid Inception", lambda o=ours, x=x: o(x)[0], lambda t=theirs, x=x: t(x)[0].flatten(1),
+                      "pytorch-fid"))
+    if "lpips" in peers:  # svg.LPIPS vs lpips.LPIPS(net="vgg"): its heads, random VGG16 on both
+        theirs = peers["lpips"].LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+        ours = svg.LPIPS()
+        with torch.no_grad():
+            trunk = [p for s in range(1, 6) for p in getattr(theirs.net, f"slice{s}").parameters()]
+            for p, q in zip(ours.features.parameters(), trunk, strict=True):
+                p.copy_(q)
+            for lin, head in zip(ours.lins, theirs.lins):
+                lin.weight.copy_(head.model[-1].weight)
+        ours, theirs = ours.to(device), theirs.to(device)
+        x, y = (torch.rand(batch, 3, size, size, device=device) * 2 - 1 for _ in range(2))
+        pairs.append(("LPIPS vgg", lambda o=ours, x=x, y=y: o(x, y), lambda t=theirs, x=x, y=y: t(x, y).flatten(),
+                      "lpips"))
+    if "transformers" in peers:  # svg.DinoV3 vs transformers' DINOv3ViTModel
+        a = svg.DINOV3_ARCHS[dino_arch]
+        tf = peers["transformers"]
+        cfg = tf.DINOv3ViTConfig(
+            patch_size=svg.PATCH_SIZE, hidden_size=a["embed_dim"], intermediate_size=a["ffn_hidden"],
+            num_hidden_layers=a["depth"], num_attention_heads=a["num_heads"],
+            num_register_tokens=svg.DINOV3_NUM_REGISTERS, use_gated_mlp=a["ffn"] == "swiglu",
+            hidden_act="silu" if a["ffn"] == "swiglu" else "gelu", layer_norm_eps=1e-5, rope_theta=100.0,
+            query_bias=True, key_bias=False, value_bias=True, proj_bias=True, mlp_bias=True)
+        theirs = tf.DINOv3ViTModel(cfg).eval()
+        ours = svg.DinoV3(dino_arch).eval()
+        ours.load_state_dict(svg.dinov3_state_dict(theirs.state_dict(), dino_arch))
+        head_dim = a["embed_dim"] // a["num_heads"]
+        k = torch.arange(head_dim // 4, dtype=torch.float32)
+        ours.rope_embed.periods.copy_(100.0 ** (2 * k / (head_dim // 2)))  # HF's fp32 periods (no bf16 rounding)
+        ours, theirs = ours.to(device), theirs.to(device)
+        x = torch.randn(batch, 3, size, size, device=device)  # ImageNet-normalised images
+        pairs.append(("DINOv3 " + dino_arch.removeprefix("dinov3_"),
+                      lambda o=ours, x=x: o.forward_features(x)["x_norm_patchtokens"],
+                      lambda t=theirs, x=x: t(pixel_values=x).last_hidden_state[:, 1 + svg.DINOV3_NUM_REGISTERS:],
+                      "transformers"))
+    return pairs
+
+
+def time_pairs(pairs, device, warmup, repeats):
+    """Interleaved A/B timing (ours, theirs, ours, theirs, ...) so that load on a shared machine hits both.
+
+    Returns (name, peer, our seconds, their seconds, max |ours - theirs|) per pair.
+    """
+    out = []
+    for name, ours, theirs, peer in pairs:
+        with torch.no_grad():
+            diff = (ours().float() - theirs().float()).abs().max().item()
+            ours_t, theirs_t = [], []
+            for _ in range(warmup):
+                ours(), theirs()
+            for _ in range(repeats):
+                ours_t += measure(ours, device, 0, 1)
+                theirs_t += measure(theirs, device, 0, 1)
+        out.append((name, peer, ours_t, theirs_t, diff))
+        print(f"  {name} vs {peer}: {1e3 * statistics.median(ours_t):.1f} / "
+              f"{1e3 * statistics.median(theirs_t):.1f} ms", flush=True)
+    return out
+
+
+def print_peer_rows(rows, args):
+    """The side-by-side table: medians, min-max, and their time / our time per interleaved pair."""
+    if not rows:
+        print(f"\nside by side: skipped (none of lpips, pytorch-fid, transformers importable; "
+              f"optional: pip install --no-deps {PEER_PACKAGES})")
+        return
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"\nside by side at {args.peer_size}px, fp32, same random weights, {args.repeats} interleaved "
+          f"pairs (ours, theirs, ...); load average {load} (1 / 5 / 15 min)")
+    print(f"{'what':<24}{'peer':<14}{'batch':>6}{'ours ms':>10}{'min-max':>16}{'theirs ms':>11}{'min-max':>16}"
+          f"{'speed ratio':>13}{'min-max':>12}{'max |diff|':>12}")
+    for name, peer, ours, theirs, diff in rows:
+        ratios = [t / o for o, t in zip(ours, theirs)]  # > 1: ours faster in that pair
+        print(f"{name:<24}{peer:<14}{args.ae_batch:>6}{1e3 * statistics.median(ours):>10.1f}"
+              f"{f'{1e3 * min(ours):.1f}-{1e3 * max(ours):.1f}':>16}{1e3 * statistics.median(theirs):>11.1f}"
+              f"{f'{1e3 * min(theirs):.1f}-{1e3 * max(theirs):.1f}':>16}{statistics.median(ratios):>13.3f}"
+              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>12}{diff:>12.2g}")
+    print("speed ratio = their time / our time per pair (median; >= 1: ours at least as fast)")
 
 
 def main(argv=None):
@@ -254,6 +400,14 @@ def main(argv=None):
         time_row("fid Inception fp32", args.ae_batch, lambda: run(net, u8, precision="fp32"),
                  args.ae_batch * fid_flops, "fp32")
 
+    peer_rows = []
+    if "peers" in args.what:
+        svg.setup_precision("fp32")  # both sides in exact fp32
+        peers = import_peers()
+        if peers:
+            pairs = peer_pairs(peers, device, args.ae_batch, args.peer_size, ae.cfg.dino_arch)
+            peer_rows = time_pairs(pairs, device, args.warmup, args.repeats)
+
     # ---------------------------------------------------------------- report
     params = sum(p.numel() for p in raw.parameters())
     threads = f", {torch.get_num_threads()} threads / {torch.get_num_interop_threads()} interop" \
@@ -276,6 +430,8 @@ def main(argv=None):
         spread = f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}"
         print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}{tflops:>10.3g}"
               f"{mfu:>7}{memory_gib:>23.2f}")
+    if "peers" in args.what:
+        print_peer_rows(peer_rows, args)
     peak = device_peak_tflops(args, device_name, args.precision)
     print(f"MFU against {f'{peak} TFLOP/s dense {args.precision}' if peak else 'n/a: peak unknown, pass --peak-tflops'}")
 

@@ -764,7 +764,7 @@ class LPIPS(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU()]
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]  # conv saves no output
                 c_in = v
         self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
@@ -789,8 +789,8 @@ class LPIPS(nn.Module):
         for f_x, f_y, lin in zip(self.taps(x), self.taps(y), self.lins):
             f_x = f_x / (f_x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
             f_y = f_y / (f_y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            w = lin.weight.float()  # [1, C_l, 1, 1]; the 1x1 head as a weighted sum, fp32 under autocast
-            d = d + (w * (f_x - f_y).pow(2)).sum(1).mean((1, 2))  # [B, C_l, h, w] -> [B]
+            with torch.autocast(f_x.device.type, enabled=False):  # the 1x1 head in fp32 under autocast
+                d = d + F.conv2d((f_x - f_y).pow(2), lin.weight.float()).mean((1, 2, 3))  # [B, 1, h, w] -> [B]
         return d
 
 
