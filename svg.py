@@ -562,6 +562,11 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z):
+        return self.conv_out(self.trunk(z))  # [B, 3, 16h, 16w]
+
+    def trunk(self, z):
+        """Everything before conv_out: the last layer's input [B, ch, 16h, 16w] (train_ae.py applies
+        conv_out outside the compiled / DDP forward, so its gradient alone is cheap to take)."""
         h = self.conv_in(z)  # [B, ch * ch_mult[-1], h, w]
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
@@ -570,7 +575,7 @@ class Decoder(nn.Module):
                 if len(level.attn):
                     h = level.attn[i](h)
             h = level.upsample(h)  # [B, C, 2h, 2w] (identity at full resolution)
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 16h, 16w]
+        return F.silu(self.norm_out(h))  # [B, ch, 16h, 16w]
 
 
 # ----------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--num-synthetic", type=int, help="training images of the synthetic set")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="unreadable images")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder and the LPIPS loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--num-eval", type=int, help="held-out images for PSNR / SSIM / LPIPS")
@@ -120,14 +121,16 @@ def ae_config(args):
 
 
 class Reconstruct(nn.Module):
-    """x -> decode(encode(x)) as one forward, so DDP sees and synchronises the trainable AE."""
+    """x -> decode(encode(x)) up to the decoder's last conv, as one forward, so DDP sees and
+    synchronises the trainable AE. The caller applies ae.decoder.conv_out: the adaptive weight
+    then differentiates that conv alone, not the whole (possibly compiled) graph."""
 
     def __init__(self, ae: SVGAutoencoder):
         super().__init__()
         self.ae = ae
 
     def forward(self, x):
-        return self.ae.decode(self.ae.encode(x))  # [B, 3, H, W] -> [B, C, h, w] -> [B, 3, H, W]
+        return self.ae.decoder.trunk(self.ae.encode(x))  # [B, 3, H, W] -> [B, C, h, w] -> [B, ch, H, W]
 
 
 def grad_sync(module, sync: bool):
@@ -299,6 +302,9 @@ def main(argv=None):
     else:
         disc_ddp = disc
     last_layer = ae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
+    # --compile: the autoencoder up to its last conv, and the LPIPS of the loss (evaluation stays eager)
+    forward = torch.compile(model) if args.compile else model
+    lpips_loss = torch.compile(lpips) if args.compile and lpips is not None else lpips
     ae.train()
     disc.train()
 
@@ -331,9 +337,9 @@ def main(argv=None):
             for i, x_m in enumerate(chunks):
                 with grad_sync(model, i == last):
                     with autocast(args.precision, device):
-                        x_hat = model(x_m).float()
+                        x_hat = ae.decoder.conv_out(forward(x_m)).float()  # [B / accum, 3, H, W]
                         x_cut = x_hat.detach().requires_grad_()  # LPIPS and D end at x_hat
-                        nll, l1, lp = reconstruction_loss(x_m, x_cut, lpips)
+                        nll, l1, lp = reconstruction_loss(x_m, x_cut, lpips_loss)
                         g_loss = None
                         if gan:  # the raw D: the generator step must not synchronise D's gradients
                             g_loss = generator_loss(disc(x_cut))
