@@ -291,6 +291,8 @@ def add_common(p, steps, cfg_scale, shift, out, batch_size=32, sampler_options=T
     p.add_argument("--cfg-scale", type=float, default=cfg_scale, help="guidance w; 1 = no guidance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the SiT and the decoder (the first batch of each size compiles)")
     if sampler_options:
         p.add_argument("--method", choices=svg.SAMPLER_METHODS, default="euler")
         p.add_argument("--cfg-mode", choices=svg.CFG_MODES, default="constant")
@@ -346,8 +348,10 @@ def main(argv=None):
     svg.setup_precision(args.precision)
     # No global seed: every random draw comes from a generator seeded with (seed, sample id).
     model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats)  # EMA SiT, frozen, CPU
-    gen = SimpleNamespace(model=model.to(dist.device), stats=stats, ae=ae.to(dist.device),
-                          num_classes=model.cfg.num_classes)
+    model, ae = model.to(dist.device), ae.to(dist.device)
+    if args.compile:  # static shapes: one graph per batch size (the last, smaller batch recompiles)
+        model, ae.decoder = torch.compile(model, dynamic=False), torch.compile(ae.decoder, dynamic=False)
+    gen = SimpleNamespace(model=model, stats=stats, ae=ae, num_classes=model.cfg.num_classes)
     {"grid": run_grid, "export": run_export, "interp": run_interp, "edit": run_edit}[args.command](args, gen, dist)
     dist.close()
 
