@@ -11,7 +11,9 @@ Rows. train (cached): one stage-2 step from cached features, as train_dit.py doe
 flow matching loss (Eq. 3-5) under autocast, backward, fused AdamW, EMA update.
 train (+encode): the frozen SVG encoder under no_grad first, outside autocast as in train_dit.py.
 encode / decode: the SVG autoencoder alone (App. F, Table 7: throughput at batch 64,
-latency at batch 1). sample: N images, Euler ODE with CFG (App. A) + decode. fid: eval.py's
+latency at batch 1). stage-1 step (GAN): one train_ae.py iteration past --disc-start (AE
+step with LPIPS and the adaptive-weighted GAN term, then the D step; FLOPs not counted).
+sample: N images, Euler ODE with CFG (App. A) + decode. fid: eval.py's
 FID InceptionV3 on uint8 images, in exact fp32 as `eval.py fid` runs it. Everything else
 runs under the one --precision autocast (encode/decode rows included).
 
@@ -57,6 +59,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import svg
+import train_ae
 from eval import FIDInceptionV3
 
 PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first key in the device name wins
@@ -67,10 +70,12 @@ PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first ke
     "A100": {"bf16": 312, "tf32": 156, "fp32": 19.5},
 }
 PRESETS = {  # per-device batches: training step, encoder/decoder/Inception throughput, images sampled
-    "paper": dict(model="SiT-XL", ae="paper", batch=32, ae_batch=64, num_samples=64, precision="bf16"),
-    "tiny": dict(model="SiT-tiny", ae="tiny", batch=16, ae_batch=8, num_samples=8, precision="fp32"),
+    "paper": dict(model="SiT-XL", ae="paper", batch=32, ae_batch=64, ae_train_batch=32, num_samples=64,
+                  precision="bf16"),  # stage 1: one of train_ae.py's 2 x 32 micro-batches
+    "tiny": dict(model="SiT-tiny", ae="tiny", batch=16, ae_batch=8, ae_train_batch=8, num_samples=8,
+                 precision="fp32"),  # stage 1: train_ae.py --preset tiny's batch
 }
-WHAT = ("train", "encode", "decode", "sample", "fid", "peers")
+WHAT = ("train", "encode", "decode", "sample", "fid", "ae_step", "peers")
 CFG_SCALE = 1.5  # the paper's "w/ CFG" sampling (App. A)
 SAMPLE_STEPS = 25  # Euler steps = NFE (App. A)
 PEER_PACKAGES = "lpips pytorch-fid torchvision transformers"  # bench-only extras, never runtime dependencies
@@ -91,9 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(svg.SIT_PRESETS))
     p.add_argument("--batch", type=int, help="training batch per device")
     p.add_argument("--ae-batch", type=int, help="encoder / decoder / Inception throughput batch (Table 7: 64)")
+    p.add_argument("--ae-train-batch", type=int, help="stage-1 (train_ae.py) step batch")
     p.add_argument("--num-samples", type=int, help="images sampled per timed iteration")
     p.add_argument("--precision", choices=svg.PRECISIONS)
-    p.add_argument("--compile", action="store_true", help="torch.compile the SiT, encoder, decoder, Inception")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT, encoder, decoder, Inception, stage-1 AE and LPIPS")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the SiT blocks")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--what", type=what_list, default=list(WHAT), help=f"comma-separated subset of {','.join(WHAT)}")
@@ -103,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--peer-size", type=int, default=PEER_SIZE, help="image size of the side-by-side (peers) rows")
     args = p.parse_args(argv)
     svg.apply_preset(args, PRESETS[args.preset])
-    for flag in ("batch", "ae_batch", "num_samples", "repeats", "peer_size"):
+    for flag in ("batch", "ae_batch", "ae_train_batch", "num_samples", "repeats", "peer_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.warmup < 0:
@@ -400,6 +406,27 @@ def main(argv=None):
         time_row("fid Inception fp32", args.ae_batch, lambda: run(net, u8, precision="fp32"),
                  args.ae_batch * fid_flops, "fp32")
 
+    if "ae_step" in args.what:  # one train_ae.py iteration past disc_start: AE step with the GAN, then D step
+        svg.setup_precision(args.precision)
+        ae1 = svg.SVGAutoencoder(svg.AE_PRESETS[args.ae]).to(device).train()
+        disc, lpips = svg.PatchGAN().to(device).train(), svg.LPIPS().to(device)  # random weights
+        opt_ae = torch.optim.Adam(ae1.trainable_parameters(), lr=1e-4, betas=svg.ADAM_BETAS_GAN, fused=True)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=svg.ADAM_BETAS_GAN, fused=True)
+        forward, lpips_loss = compile_(train_ae.Reconstruct(ae1)), compile_(lpips)  # as train_ae.py --compile
+        x = images(args.ae_train_batch)
+
+        def ae_step():
+            opt_ae.zero_grad(set_to_none=True)
+            fake, _ = train_ae.generator_step(forward, ae1, lpips_loss, disc, x, True, svg.DISC_WEIGHT,
+                                              args.precision)
+            opt_ae.step()
+            opt_d.zero_grad(set_to_none=True)
+            with svg.autocast(args.precision, device):
+                d_loss = svg.hinge_d_loss(disc(x), disc(fake))
+            d_loss.backward()
+            opt_d.step()
+        time_row("stage-1 step (GAN)", args.ae_train_batch, ae_step, None)
+
     peer_rows = []
     if "peers" in args.what:
         svg.setup_precision("fp32")  # both sides in exact fp32
@@ -424,12 +451,12 @@ def main(argv=None):
           f"{memory:>23}")
     for name, batch, times, flops, precision, memory_gib in rows:
         median = statistics.median(times)
-        tflops = flops / median / 1e12
+        tflops = flops / median / 1e12 if flops else None  # None: not counted (stage-1 step)
         peak = device_peak_tflops(args, device_name, precision)
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        mfu = f"{100 * tflops / peak:.1f}%" if peak and tflops else "n/a"
         spread = f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}"
-        print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}{tflops:>10.3g}"
-              f"{mfu:>7}{memory_gib:>23.2f}")
+        print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}"
+              f"{f'{tflops:.3g}' if tflops else 'n/a':>10}{mfu:>7}{memory_gib:>23.2f}")
     if "peers" in args.what:
         print_peer_rows(peer_rows, args)
     peak = device_peak_tflops(args, device_name, args.precision)

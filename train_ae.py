@@ -184,6 +184,25 @@ def save_reconstructions(ae, images, path, precision, device):
     save_image_grid(rows, path)
 
 
+def generator_step(forward, ae, lpips, disc, x, gan, disc_weight, precision, scale=1.0):
+    """The autoencoder's loss and backward on one micro-batch x [b, 3, H, W]: nll, plus the
+    adaptive-weighted generator term when `gan` (App. A), gradients scaled by `scale`.
+
+    forward: Reconstruct (maybe DDP / compiled); conv_out is applied here, outside it. LPIPS and
+    D run on a detached copy of x_hat and are differentiated once (svg.autoencoder_backward).
+    disc is the raw D: the generator step must not synchronise D's gradients.
+    Returns the detached reconstruction and [nll, l1, lpips, g_loss, d_weight].
+    """
+    with autocast(precision, x.device):
+        x_hat = ae.decoder.conv_out(forward(x)).float()  # [b, 3, H, W]
+        x_cut = x_hat.detach().requires_grad_()  # LPIPS and D end at x_hat
+        nll, l1, lp = reconstruction_loss(x, x_cut, lpips)
+        g_loss = generator_loss(disc(x_cut)) if gan else None
+    d_weight = autoencoder_backward(x_hat, x_cut, nll, g_loss, ae.decoder.conv_out.weight, disc_weight, scale)
+    g_loss = torch.zeros((), device=x.device) if g_loss is None else g_loss
+    return x_cut.detach(), torch.stack([nll, l1, lp, g_loss, d_weight]).detach()
+
+
 def spread(n, k):
     """k indices evenly spaced over range(n) (all classes of a class-sorted folder, not a tail)."""
     return np.linspace(0, n - 1, k).round().astype(int).tolist() if k else []
@@ -301,7 +320,6 @@ def main(argv=None):
         disc_ddp = ddp(disc, device_ids=ids)  # BatchNorm running stats follow rank 0
     else:
         disc_ddp = disc
-    last_layer = ae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
     # --compile: the autoencoder up to its last conv, and the LPIPS of the loss (evaluation stays eager)
     forward = torch.compile(model) if args.compile else model
     lpips_loss = torch.compile(lpips) if args.compile and lpips is not None else lpips
@@ -336,18 +354,10 @@ def main(argv=None):
             stats, fakes = [], []
             for i, x_m in enumerate(chunks):
                 with grad_sync(model, i == last):
-                    with autocast(args.precision, device):
-                        x_hat = ae.decoder.conv_out(forward(x_m)).float()  # [B / accum, 3, H, W]
-                        x_cut = x_hat.detach().requires_grad_()  # LPIPS and D end at x_hat
-                        nll, l1, lp = reconstruction_loss(x_m, x_cut, lpips_loss)
-                        g_loss = None
-                        if gan:  # the raw D: the generator step must not synchronise D's gradients
-                            g_loss = generator_loss(disc(x_cut))
-                    d_weight = autoencoder_backward(x_hat, x_cut, nll, g_loss, last_layer, args.disc_weight,
-                                                    scale=1 / len(chunks))
-                    g_loss = torch.zeros((), device=device) if g_loss is None else g_loss
-                fakes.append(x_cut.detach())
-                stats.append(torch.stack([nll, l1, lp, g_loss, d_weight]).detach())
+                    fake, stat = generator_step(forward, ae, lpips_loss, disc, x_m, gan, args.disc_weight,
+                                                args.precision, scale=1 / len(chunks))
+                fakes.append(fake)
+                stats.append(stat)
             opt_ae.step()
 
             # discriminator step on the same, detached reconstructions; real and fake separately
