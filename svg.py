@@ -781,7 +781,8 @@ class LPIPS(nn.Module):
 
     def taps(self, x: torch.Tensor) -> list:
         """VGG16 activations at the five LPIPS taps for images in [-1, 1]."""
-        h, out = (x - self.shift) / self.scale, []
+        # channels_last (NHWC): oneDNN runs each conv without a layout reorder (bitwise the same taps)
+        h, out = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last), []
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in LPIPS_TAPS:
