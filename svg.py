@@ -781,7 +781,7 @@ class LPIPS(nn.Module):
 
     def taps(self, x: torch.Tensor) -> list:
         """VGG16 activations at the five LPIPS taps for images in [-1, 1]."""
-        # channels_last (NHWC): oneDNN runs each conv without a layout reorder (bitwise the same taps)
+        # channels_last (NHWC): oneDNN runs each conv without a layout reorder (same taps to fp32 rounding)
         h, out = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last), []
         for i, layer in enumerate(self.features):
             h = layer(h)
