@@ -769,7 +769,7 @@ class LPIPS(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]  # conv saves no output
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]  # conv backward needs no output
                 c_in = v
         self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
@@ -961,7 +961,7 @@ def adaptive_weight(grad_nll: torch.Tensor, grad_gan: torch.Tensor, disc_weight:
     return w.clamp(0, ADAPTIVE_WEIGHT_MAX).detach() * disc_weight
 
 
-def autoencoder_backward(x_hat, x_cut, nll, g_loss=None, last_layer=None, disc_weight: float = DISC_WEIGHT,
+def autoencoder_backward(x_hat, x_cut, nll, g_loss, last_layer, disc_weight: float = DISC_WEIGHT,
                          scale: float = 1.0):
     """Backward of the stage-1 loss nll + lambda * g (App. A), LPIPS and D differentiated once.
 
