@@ -3,7 +3,7 @@
 Like nanoGPT's bench.py: random weights and random inputs of the right shapes (no data,
 no checkpoints), a few warm-up iterations, timed repeats, one table plus the exact setup.
 
-    python bench.py --preset tiny                                            # 2-core CPU, ~20 s
+    python bench.py --preset tiny                     # 2-core CPU, ~1 min (more with the peers rows)
     python bench.py --preset paper --batch 32                                # one GPU, SVG-XL, bf16
     python bench.py --preset paper --batch 64 --compile --what train,sample
 
