@@ -3,7 +3,7 @@
 Like nanoGPT's bench.py: random weights and random inputs of the right shapes (no data,
 no checkpoints), a few warm-up iterations, timed repeats, one table plus the exact setup.
 
-    python bench.py --preset tiny                                            # 2-core CPU, ~20 s
+    python bench.py --preset tiny                     # 2-core CPU, ~1 min (more with the peers rows)
     python bench.py --preset paper --batch 32                                # one GPU, SVG-XL, bf16
     python bench.py --preset paper --batch 64 --compile --what train,sample
 
@@ -11,9 +11,20 @@ Rows. train (cached): one stage-2 step from cached features, as train_dit.py doe
 flow matching loss (Eq. 3-5) under autocast, backward, fused AdamW, EMA update.
 train (+encode): the frozen SVG encoder under no_grad first, outside autocast as in train_dit.py.
 encode / decode: the SVG autoencoder alone (App. F, Table 7: throughput at batch 64,
-latency at batch 1). sample: N images, Euler ODE with CFG (App. A) + decode. fid: eval.py's
+latency at batch 1). stage-1 step (GAN): one train_ae.py iteration past --disc-start (AE
+step with LPIPS and the adaptive-weighted GAN term, then the D step; FLOPs not counted).
+sample: N images, Euler ODE with CFG (App. A) + decode. fid: eval.py's
 FID InceptionV3 on uint8 images, in exact fp32 as `eval.py fid` runs it. Everything else
 runs under the one --precision autocast (encode/decode rows included).
+
+Side by side (what "peers", optional): our FID Inception, LPIPS and DINOv3 against the
+packages people would otherwise use (pytorch-fid's InceptionV3([3]), lpips' LPIPS(net="vgg"),
+transformers' DINOv3ViTModel), each pair with the same random weights, at --peer-size px and
+--ae-batch, in fp32, timed interleaved (ours, theirs, ours, ...) so that load on a shared
+machine hits both; it prints the medians, min-max, their time / our time per pair and the
+largest output difference, with the load average. Runs for whichever packages import:
+    pip install --no-deps lpips pytorch-fid torchvision   # (transformers: any 4.56+ / 5.x)
+    python bench.py --preset tiny --what peers --repeats 9
 
 Columns. ms/iter: median over --repeats (min-max beside it); images/s = batch / median.
 FLOPs are model FLOPs, 2 per multiply-add, of matrix products only (Linear layers,
@@ -34,9 +45,12 @@ OMP_NUM_THREADS=1 was 3-10x faster on a busy 2-core machine. Compare both; keep 
 
 import argparse
 import copy
+import importlib
+import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict
 
@@ -45,6 +59,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import svg
+import train_ae
 from eval import FIDInceptionV3
 
 PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first key in the device name wins
@@ -55,12 +70,16 @@ PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first ke
     "A100": {"bf16": 312, "tf32": 156, "fp32": 19.5},
 }
 PRESETS = {  # per-device batches: training step, encoder/decoder/Inception throughput, images sampled
-    "paper": dict(model="SiT-XL", ae="paper", batch=32, ae_batch=64, num_samples=64, precision="bf16"),
-    "tiny": dict(model="SiT-tiny", ae="tiny", batch=16, ae_batch=8, num_samples=8, precision="fp32"),
+    "paper": dict(model="SiT-XL", ae="paper", batch=32, ae_batch=64, ae_train_batch=32, num_samples=64,
+                  precision="bf16"),  # stage 1: one of train_ae.py's 2 x 32 micro-batches
+    "tiny": dict(model="SiT-tiny", ae="tiny", batch=16, ae_batch=8, ae_train_batch=8, num_samples=8,
+                 precision="fp32"),  # stage 1: train_ae.py --preset tiny's batch
 }
-WHAT = ("train", "encode", "decode", "sample", "fid")
+WHAT = ("train", "encode", "decode", "sample", "fid", "ae_step", "peers")
 CFG_SCALE = 1.5  # the paper's "w/ CFG" sampling (App. A)
 SAMPLE_STEPS = 25  # Euler steps = NFE (App. A)
+PEER_PACKAGES = "lpips pytorch-fid torchvision transformers"  # bench-only extras, never runtime dependencies
+PEER_SIZE = 256  # image size of the side-by-side rows (the FID Inception resizes to 299 anyway)
 
 
 def what_list(text):
@@ -77,9 +96,10 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=sorted(svg.SIT_PRESETS))
     p.add_argument("--batch", type=int, help="training batch per device")
     p.add_argument("--ae-batch", type=int, help="encoder / decoder / Inception throughput batch (Table 7: 64)")
+    p.add_argument("--ae-train-batch", type=int, help="stage-1 (train_ae.py) step batch")
     p.add_argument("--num-samples", type=int, help="images sampled per timed iteration")
     p.add_argument("--precision", choices=svg.PRECISIONS)
-    p.add_argument("--compile", action="store_true", help="torch.compile the SiT, encoder, decoder, Inception")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT, encoder, decoder, Inception, stage-1 AE and LPIPS")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the SiT blocks")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--what", type=what_list, default=list(WHAT), help=f"comma-separated subset of {','.join(WHAT)}")
@@ -90,9 +110,10 @@ def parse_args(argv=None):
                    "architecture via svg.resize_ae_config; default its training size)")
     p.add_argument("--memory", action="store_true", help="App. H: print the analytic memory of a training "
                    "step and of sampling at 256/512/1024 px (or --image-size) and exit; no model is run")
+    p.add_argument("--peer-size", type=int, default=PEER_SIZE, help="image size of the side-by-side (peers) rows")
     args = p.parse_args(argv)
     svg.apply_preset(args, PRESETS[args.preset])
-    for flag in ("batch", "ae_batch", "num_samples", "repeats"):
+    for flag in ("batch", "ae_batch", "ae_train_batch", "num_samples", "repeats", "peer_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.warmup < 0:
@@ -242,6 +263,137 @@ def cpu_name():
         return platform.processor() or "cpu"
 
 
+# ---------------------------------------------------------------- optional: side by side with the reference packages
+
+
+def import_peers():
+    """{name: module} of the importable reference packages: lpips, pytorch_fid.inception, transformers.
+
+    lpips and pytorch-fid import torchvision. Where the only torchvision wheel for this torch
+    is a CUDA build beside a CPU torch, its import fails with "operator torchvision::nms does
+    not exist" (its compiled ops do not load); defining the two operator schemas its meta
+    registrations need, and importing again, makes it importable (no torchvision op is used).
+    """
+    def load(name):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            return None
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[mod]  # the half-imported package
+        lib = torch.library.Library("torchvision", "DEF")  # kept alive as an attribute below
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import_peers.torchvision_schemas = lib
+    peers = {"lpips": load("lpips"), "pytorch_fid": load("pytorch_fid.inception"), "transformers": load("transformers")}
+    return {k: v for k, v in peers.items() if v is not None}
+
+
+def peer_pairs(peers, device, batch, size, dino_arch):
+    """(name, ours(), theirs(), peer) per importable peer package, both sides with the same random weights."""
+    pairs = []
+    if "pytorch_fid" in peers:  # eval.FIDInceptionV3 vs pytorch-fid's InceptionV3([3]) on [0, 1] float images
+        ours = FIDInceptionV3()
+        for m in ours.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial statistics
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        fid, download = peers["pytorch_fid"], peers["pytorch_fid"].load_state_dict_from_url
+        fid.load_state_dict_from_url = lambda *a, **k: ours.state_dict()  # its weights file = ours, random
+        try:
+            theirs = fid.InceptionV3([3])
+        finally:
+            fid.load_state_dict_from_url = download
+        ours, theirs = ours.to(device).eval(), theirs.to(device).eval()
+        x = torch.rand(batch, 3, size, size, device=device)
+        pairs.append(("fid Inception", lambda o=ours, x=x: o(x)[0], lambda t=theirs, x=x: t(x)[0].flatten(1),
+                      "pytorch-fid"))
+    if "lpips" in peers:  # svg.LPIPS vs lpips.LPIPS(net="vgg"): its heads, random VGG16 on both
+        theirs = peers["lpips"].LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+        ours = svg.LPIPS()
+        with torch.no_grad():
+            trunk = [p for s in range(1, 6) for p in getattr(theirs.net, f"slice{s}").parameters()]
+            for p, q in zip(ours.features.parameters(), trunk, strict=True):
+                p.copy_(q)
+            for lin, head in zip(ours.lins, theirs.lins):
+                lin.weight.copy_(head.model[-1].weight)
+        ours, theirs = ours.to(device), theirs.to(device)
+        x, y = (torch.rand(batch, 3, size, size, device=device) * 2 - 1 for _ in range(2))
+        pairs.append(("LPIPS vgg", lambda o=ours, x=x, y=y: o(x, y), lambda t=theirs, x=x, y=y: t(x, y).flatten(),
+                      "lpips"))
+    if "transformers" in peers:  # svg.DinoV3 vs transformers' DINOv3ViTModel
+        a = svg.DINOV3_ARCHS[dino_arch]
+        tf = peers["transformers"]
+        cfg = tf.DINOv3ViTConfig(
+            patch_size=svg.PATCH_SIZE, hidden_size=a["embed_dim"], intermediate_size=a["ffn_hidden"],
+            num_hidden_layers=a["depth"], num_attention_heads=a["num_heads"],
+            num_register_tokens=svg.DINOV3_NUM_REGISTERS, use_gated_mlp=a["ffn"] == "swiglu",
+            hidden_act="silu" if a["ffn"] == "swiglu" else "gelu", layer_norm_eps=1e-5, rope_theta=100.0,
+            query_bias=True, key_bias=False, value_bias=True, proj_bias=True, mlp_bias=True)
+        theirs = tf.DINOv3ViTModel(cfg).eval()
+        ours = svg.DinoV3(dino_arch).eval()
+        ours.load_state_dict(svg.dinov3_state_dict(theirs.state_dict(), dino_arch))
+        head_dim = a["embed_dim"] // a["num_heads"]
+        k = torch.arange(head_dim // 4, dtype=torch.float32)
+        ours.rope_embed.periods.copy_(100.0 ** (2 * k / (head_dim // 2)))  # HF's fp32 periods (no bf16 rounding)
+        ours, theirs = ours.to(device), theirs.to(device)
+        x = torch.randn(batch, 3, size, size, device=device)  # ImageNet-normalised images
+        pairs.append(("DINOv3 " + dino_arch.removeprefix("dinov3_"),
+                      lambda o=ours, x=x: o.forward_features(x)["x_norm_patchtokens"],
+                      lambda t=theirs, x=x: t(pixel_values=x).last_hidden_state[:, 1 + svg.DINOV3_NUM_REGISTERS:],
+                      "transformers"))
+    return pairs
+
+
+def time_pairs(pairs, device, warmup, repeats):
+    """Interleaved A/B timing (ours, theirs, ours, theirs, ...) so that load on a shared machine hits both.
+
+    Returns (name, peer, our seconds, their seconds, max |ours - theirs|) per pair.
+    """
+    out = []
+    for name, ours, theirs, peer in pairs:
+        with torch.no_grad():
+            diff = (ours().float() - theirs().float()).abs().max().item()
+            ours_t, theirs_t = [], []
+            for _ in range(warmup):
+                ours(), theirs()
+            for _ in range(repeats):
+                ours_t += measure(ours, device, 0, 1)
+                theirs_t += measure(theirs, device, 0, 1)
+        out.append((name, peer, ours_t, theirs_t, diff))
+        print(f"  {name} vs {peer}: {1e3 * statistics.median(ours_t):.1f} / "
+              f"{1e3 * statistics.median(theirs_t):.1f} ms", flush=True)
+    return out
+
+
+def print_peer_rows(rows, args):
+    """The side-by-side table: medians, min-max, and their time / our time per interleaved pair."""
+    if not rows:
+        print(f"\nside by side: skipped (none of lpips, pytorch-fid, transformers importable; "
+              f"optional: pip install --no-deps {PEER_PACKAGES})")
+        return
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"\nside by side at {args.peer_size}px, fp32, same random weights, {args.repeats} interleaved "
+          f"pairs (ours, theirs, ...); load average {load} (1 / 5 / 15 min)")
+    print(f"{'what':<24}{'peer':<14}{'batch':>6}{'ours ms':>10}{'min-max':>16}{'theirs ms':>11}{'min-max':>16}"
+          f"{'speed ratio':>13}{'min-max':>12}{'max |diff|':>12}")
+    for name, peer, ours, theirs, diff in rows:
+        ratios = [t / o for o, t in zip(ours, theirs)]  # > 1: ours faster in that pair
+        print(f"{name:<24}{peer:<14}{args.ae_batch:>6}{1e3 * statistics.median(ours):>10.1f}"
+              f"{f'{1e3 * min(ours):.1f}-{1e3 * max(ours):.1f}':>16}{1e3 * statistics.median(theirs):>11.1f}"
+              f"{f'{1e3 * min(theirs):.1f}-{1e3 * max(theirs):.1f}':>16}{statistics.median(ratios):>13.3f}"
+              f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>12}{diff:>12.2g}")
+    print("speed ratio = their time / our time per pair (median; >= 1: ours at least as fast)")
+
+
 def main(argv=None):
     # ---------------------------------------------------------------- config, device, seed
     args = parse_args(argv)
@@ -336,6 +488,35 @@ def main(argv=None):
         time_row("fid Inception fp32", args.ae_batch, lambda: run(net, u8, precision="fp32"),
                  args.ae_batch * fid_flops, "fp32")
 
+    if "ae_step" in args.what:  # one train_ae.py iteration past disc_start: AE step with the GAN, then D step
+        svg.setup_precision(args.precision)
+        ae1 = svg.SVGAutoencoder(svg.AE_PRESETS[args.ae]).to(device).train()
+        disc, lpips = svg.PatchGAN().to(device).train(), svg.LPIPS().to(device)  # random weights
+        opt_ae = torch.optim.Adam(ae1.trainable_parameters(), lr=1e-4, betas=svg.ADAM_BETAS_GAN, fused=True)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=svg.ADAM_BETAS_GAN, fused=True)
+        forward, lpips_loss = compile_(train_ae.Reconstruct(ae1)), compile_(lpips)  # as train_ae.py --compile
+        x = images(args.ae_train_batch)
+
+        def ae_step():
+            opt_ae.zero_grad(set_to_none=True)
+            fake, _ = train_ae.generator_step(forward, ae1, lpips_loss, disc, x, True, svg.DISC_WEIGHT,
+                                              args.precision)
+            opt_ae.step()
+            opt_d.zero_grad(set_to_none=True)
+            with svg.autocast(args.precision, device):
+                d_loss = svg.hinge_d_loss(disc(x), disc(fake))
+            d_loss.backward()
+            opt_d.step()
+        time_row("stage-1 step (GAN)", args.ae_train_batch, ae_step, None)
+
+    peer_rows = []
+    if "peers" in args.what:
+        svg.setup_precision("fp32")  # both sides in exact fp32
+        peers = import_peers()
+        if peers:
+            pairs = peer_pairs(peers, device, args.ae_batch, args.peer_size, ae.cfg.dino_arch)
+            peer_rows = time_pairs(pairs, device, args.warmup, args.repeats)
+
     # ---------------------------------------------------------------- report
     params = sum(p.numel() for p in raw.parameters())
     threads = f", {torch.get_num_threads()} threads / {torch.get_num_interop_threads()} interop" \
@@ -352,12 +533,14 @@ def main(argv=None):
           f"{memory:>23}")
     for name, batch, times, flops, precision, memory_gib in rows:
         median = statistics.median(times)
-        tflops = flops / median / 1e12
+        tflops = flops / median / 1e12 if flops else None  # None: not counted (stage-1 step)
         peak = device_peak_tflops(args, device_name, precision)
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        mfu = f"{100 * tflops / peak:.1f}%" if peak and tflops else "n/a"
         spread = f"{1e3 * min(times):.1f}-{1e3 * max(times):.1f}"
-        print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}{tflops:>10.3g}"
-              f"{mfu:>7}{memory_gib:>23.2f}")
+        print(f"{name:<20}{batch:>6}{1e3 * median:>10.1f}{spread:>16}{batch / median:>10.1f}"
+              f"{f'{tflops:.3g}' if tflops else 'n/a':>10}{mfu:>7}{memory_gib:>23.2f}")
+    if "peers" in args.what:
+        print_peer_rows(peer_rows, args)
     peak = device_peak_tflops(args, device_name, args.precision)
     print(f"MFU against {f'{peak} TFLOP/s dense {args.precision}' if peak else 'n/a: peak unknown, pass --peak-tflops'}")
 

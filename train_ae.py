@@ -49,11 +49,12 @@ from tqdm import tqdm
 
 from svg import (
     ADAM_BETAS_GAN, AE_PRESETS, DISC_WEIGHT, LPIPS_HEAD_DROPOUT, PATCH_SIZE, PRECISIONS, TRUST_PICKLE_HELP,
-    PatchGAN, ResumableSampler, SVGAutoencoder, adaptive_weight, apply_preset, atomic_save, autocast, build_dataset,
-    check_init_from, claim_output, gan_active, generator_loss, hinge_d_loss, init_distributed, load_autoencoder,
-    load_checkpoint, load_dinov3, load_lpips, load_strict, nonfinite_tensors, nonnegative_int, positive_float, positive_int, psnr,
-    reconstruction_loss, resample_pos_embed, resize_ae_config, resume_checkpoint, resume_lr, rng_state,
-    save_image_grid, set_rng_state, set_seed, setup_precision, skipped_note, ssim,
+    PatchGAN, ResumableSampler, SVGAutoencoder, apply_preset, atomic_save, autocast,
+    autoencoder_backward, build_dataset, check_init_from, claim_output, gan_active, generator_loss, hinge_d_loss,
+    init_distributed, load_autoencoder, load_checkpoint, load_dinov3, load_lpips, load_strict, nonfinite_tensors,
+    nonnegative_int, positive_float, positive_int, psnr, reconstruction_loss, resample_pos_embed, resize_ae_config,
+    resume_checkpoint, resume_lr, rng_state, save_image_grid, set_rng_state, set_seed, setup_precision,
+    skipped_note, ssim,
 )
 
 # Defaults per preset; any flag given on the command line wins.
@@ -115,6 +116,7 @@ def parse_args(argv=None):
     p.add_argument("--num-synthetic", type=int, help="training images of the synthetic set")
     p.add_argument("--on-error", choices=["skip", "raise"], default="skip", help="unreadable images")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the autoencoder and the LPIPS loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--num-eval", type=positive_int, help="held-out images for PSNR / SSIM / LPIPS")
@@ -158,14 +160,16 @@ def ae_config(args, base=None):
 
 
 class Reconstruct(nn.Module):
-    """x -> decode(encode(x)) as one forward, so DDP sees and synchronises the trainable AE."""
+    """x -> decode(encode(x)) up to the decoder's last conv, as one forward, so DDP sees and
+    synchronises the trainable AE. The caller applies ae.decoder.conv_out: the adaptive weight
+    then differentiates that conv alone, not the whole (possibly compiled) graph."""
 
     def __init__(self, ae: SVGAutoencoder):
         super().__init__()
         self.ae = ae
 
     def forward(self, x):
-        return self.ae.decode(self.ae.encode(x))  # [B, 3, H, W] -> [B, C, h, w] -> [B, 3, H, W]
+        return self.ae.decoder.trunk(self.ae.encode(x))  # [B, 3, H, W] -> [B, C, h, w] -> [B, ch, H, W]
 
 
 def grad_sync(module, sync: bool):
@@ -222,6 +226,25 @@ def save_reconstructions(ae, images, path, precision, device):
             rows.append(ae.decode(dino_only(ae, z)))
     ae.train()
     save_image_grid(rows, path)
+
+
+def generator_step(forward, ae, lpips, disc, x, gan, disc_weight, precision, scale=1.0):
+    """The autoencoder's loss and backward on one micro-batch x [b, 3, H, W]: nll, plus the
+    adaptive-weighted generator term when `gan` (App. A), gradients scaled by `scale`.
+
+    forward: Reconstruct (maybe DDP / compiled); conv_out is applied here, outside it. LPIPS and
+    D run on a detached copy of x_hat and are differentiated once (svg.autoencoder_backward).
+    disc is the raw D: the generator step must not synchronise D's gradients.
+    Returns the detached reconstruction and [nll, l1, lpips, g_loss, d_weight].
+    """
+    with autocast(precision, x.device):
+        x_hat = ae.decoder.conv_out(forward(x)).float()  # [b, 3, H, W]
+        x_cut = x_hat.detach().requires_grad_()  # LPIPS and D end at x_hat
+        nll, l1, lp = reconstruction_loss(x, x_cut, lpips)
+        g_loss = generator_loss(disc(x_cut)) if gan else None
+    d_weight = autoencoder_backward(x_hat, x_cut, nll, g_loss, ae.decoder.conv_out.weight, disc_weight, scale)
+    g_loss = torch.zeros((), device=x.device) if g_loss is None else g_loss
+    return x_cut.detach(), torch.stack([nll, l1, lp, g_loss, d_weight]).detach()
 
 
 def spread(n, k):
@@ -362,7 +385,9 @@ def main(argv=None):
         disc_ddp = ddp(disc, device_ids=ids)  # BatchNorm running stats follow rank 0
     else:
         disc_ddp = disc
-    last_layer = ae.decoder.conv_out.weight  # where the adaptive GAN weight is measured
+    # --compile: the autoencoder up to its last conv, and the LPIPS of the loss (evaluation stays eager)
+    forward = torch.compile(model) if args.compile else model
+    lpips_loss = torch.compile(lpips) if args.compile and lpips is not None else lpips
     ae.train()
     disc.train()
 
@@ -406,16 +431,10 @@ def main(argv=None):
             stats, fakes = [], []
             for i, x_m in enumerate(chunks):
                 with grad_sync(model, i == last):
-                    with autocast(args.precision, device):
-                        x_hat = model(x_m).float()
-                        nll, l1, lp = reconstruction_loss(x_m, x_hat, lpips)
-                        g_loss = d_weight = torch.zeros((), device=device)
-                        if gan:  # the raw D: the generator step must not synchronise D's gradients
-                            g_loss = generator_loss(disc(x_hat))
-                            d_weight = adaptive_weight(nll, g_loss, last_layer, args.disc_weight)
-                    ((nll + d_weight * g_loss) / len(chunks)).backward()
-                fakes.append(x_hat.detach())
-                stats.append(torch.stack([nll, l1, lp, g_loss, d_weight]).detach())
+                    fake, stat = generator_step(forward, ae, lpips_loss, disc, x_m, gan, args.disc_weight,
+                                                args.precision, scale=1 / len(chunks))
+                fakes.append(fake)
+                stats.append(stat)
             opt_ae.step()
 
             # discriminator step on the same, detached reconstructions; real and fake separately

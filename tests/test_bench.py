@@ -200,3 +200,27 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cuda"])
     assert "torch sees no CUDA device: run with --device cpu" in capsys.readouterr().err
+
+
+PEER_ATOL = 1e-5  # DINOv3 differs from transformers by ~2e-6 (summation order); LPIPS and Inception by 0
+
+
+def test_side_by_side_rows_equal_the_reference_packages(capsys):
+    """bench.py's optional rows run both sides on the same weights: outputs equal the reference
+    packages' (pytorch-fid, lpips where importable; transformers' DINOv3ViTModel)."""
+    peers = bench.import_peers()
+    if not peers:
+        pytest.skip("none of lpips, pytorch-fid, transformers importable")
+    torch.manual_seed(0)
+    pairs = bench.peer_pairs(peers, torch.device("cpu"), 1, 32, "dinov3_tiny")
+    assert len(pairs) == len(peers)
+    rows = bench.time_pairs(pairs, torch.device("cpu"), warmup=0, repeats=2)
+    for name, peer, ours, theirs, diff in rows:
+        assert diff < PEER_ATOL, (name, diff)
+        assert len(ours) == len(theirs) == 2
+    bench.print_peer_rows(rows, SimpleNamespace(peer_size=32, repeats=2, ae_batch=1))
+    out = capsys.readouterr().out
+    assert "speed ratio" in out and "load average" in out
+    assert all(name in out for name, *_ in rows)
+    bench.print_peer_rows([], SimpleNamespace())
+    assert "pip install --no-deps lpips pytorch-fid" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """LPIPS v0.1 parity and loading, PatchGAN, the LDM reconstruction / hinge / adaptive-weight loss."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -150,11 +151,62 @@ def test_reconstruction_loss_is_summed_over_pixels_divided_by_batch():
 
 
 def test_adaptive_weight_analytic_and_clamped():
-    w = torch.ones(2, 2, requires_grad=True)  # grad of a*sum(w) has norm |a| * 2
-    lam = svg.adaptive_weight(3 * w.sum(), 1.5 * w.sum(), w)
+    g = torch.ones(2, 2)  # norm 2
+    lam = svg.adaptive_weight(3 * g, 1.5 * g)
     assert lam.item() == pytest.approx(0.5 * 6 / (3 + 1e-4)) and not lam.requires_grad
-    assert svg.adaptive_weight(w.sum(), 0 * w.sum(), w).item() == pytest.approx(0.5 * 1e4)
+    assert svg.adaptive_weight(g, 0 * g).item() == pytest.approx(0.5 * 1e4)
     assert svg.gan_active(2500, 2500) and not svg.gan_active(2499, 2500)
+
+
+# fp32: the same products summed in another order differ by ~2e-6 of the largest gradient entry
+# (grads analytically 0, e.g. conv biases before a GroupNorm, are that rounding noise).
+GRAD_RTOL = 1e-5  # of each entry, plus GRAD_RTOL x the largest entry of any reference gradient
+
+
+def ldm_generator_step(ae, lpips, disc, x, gan, scale):
+    """Today's LDM / taming formulation: autograd.grad of nll and g at W, then the full backward."""
+    x_hat = ae.decode(ae.encode(x))
+    nll = svg.reconstruction_loss(x, x_hat, lpips)[0]
+    g_loss = svg.generator_loss(disc(x_hat)) if gan else torch.zeros(())
+    d_weight = torch.zeros(())
+    if gan:
+        W = ae.decoder.conv_out.weight
+        grads = [torch.autograd.grad(loss, W, retain_graph=True)[0] for loss in (nll, g_loss)]
+        d_weight = svg.adaptive_weight(*grads)
+    ((nll + d_weight * g_loss) * scale).backward()
+    return d_weight
+
+
+@pytest.mark.parametrize("gan", [True, False])
+def test_one_backward_generator_step_equals_ldm_formulation(gan):
+    """autoencoder_backward (LPIPS and D differentiated once) gives the parameter gradients and
+    the adaptive weight of the LDM formulation (which differentiates them twice), in fp32."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", image_size=32,
+                              decoder_ch=32, decoder_ch_mult=(1, 1, 1, 1, 1), decoder_num_res_blocks=0,
+                              decoder_attn_resolutions=(), residual_depth=1, residual_width=64,
+                              residual_heads=2, residual_mlp=64, residual_dropout=0.0, mask_prob=0.0)
+    ae, disc, lpips = svg.SVGAutoencoder(cfg).train(), svg.PatchGAN(ndf=16), svg.LPIPS()
+    for p in lpips.lins.parameters():
+        p.data.uniform_(0, 1)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    bn_state = {k: v.clone() for k, v in disc.state_dict().items()}
+    ref_weight = ldm_generator_step(ae, lpips, disc, x, gan, scale=0.5)
+    ref = {n: p.grad.clone() for n, p in ae.named_parameters() if p.grad is not None}
+    ae.zero_grad(set_to_none=True)
+    disc.load_state_dict(bn_state)  # the same BatchNorm statistics for the second forward
+    x_hat = ae.decode(ae.encode(x))
+    x_cut = x_hat.detach().requires_grad_()
+    nll = svg.reconstruction_loss(x, x_cut, lpips)[0]
+    g_loss = svg.generator_loss(disc(x_cut)) if gan else None
+    d_weight = svg.autoencoder_backward(x_hat, x_cut, nll, g_loss, ae.decoder.conv_out.weight, scale=0.5)
+    assert (d_weight > 0) == gan
+    torch.testing.assert_close(d_weight, ref_weight, rtol=GRAD_RTOL, atol=0)
+    got = {n: p.grad for n, p in ae.named_parameters() if p.grad is not None}
+    assert got.keys() == ref.keys() and len(got) > 10
+    atol = GRAD_RTOL * max(g.abs().max().item() for g in ref.values())
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=GRAD_RTOL, atol=atol, msg=n)
 
 
 def reference_ssim(x, y):
