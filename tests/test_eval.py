@@ -263,7 +263,8 @@ import svg  # noqa: E402
 
 def tiny_ae_checkpoint(path, use_residual=True):
     """A randomly initialised tiny autoencoder saved in the stage-1 checkpoint format."""
-    cfg = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", use_residual=use_residual)
+    cfg = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", use_residual=use_residual,
+                              image_size=64, dino_layer=None, decoder_attn_resolutions=(4,))  # 64 px, last block
     ae = svg.SVGAutoencoder(cfg)
     torch.save({"ae_config": dataclasses.asdict(cfg), "ae": ae.state_dict(), "step": 0, "args": {}}, path)
     return cfg
