@@ -54,6 +54,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import svg
+from sample import decode, sample_noise  # the shapes score samples exactly as sample.py does
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
@@ -771,9 +772,7 @@ def shape_score(judge, u, labels, ref_stats):
 @torch.no_grad()
 def generate_uint8(model, stats, ae, labels, seed, steps, cfg_scale, batch_size, device):
     """Class-conditional samples as uint8 [N, 3, H, W]: sample.py's per-index noise, Euler ODE + CFG."""
-    from sample import decode, sample_noise  # sample.py's noise and decoding, so the score matches its PNGs
-
-    gen = argparse.Namespace(stats=stats, ae=ae)
+    gen = argparse.Namespace(stats=stats, ae=ae)  # what sample.decode reads
     cfg = model.cfg
     noise = sample_noise(range(len(labels)), (cfg.in_channels, cfg.input_size, cfg.input_size), seed)  # [N, C, h, w]
     out = []
