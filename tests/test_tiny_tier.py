@@ -1,6 +1,6 @@
 """The tiny tier end to end, shortened: stage 1, feature cache, stage 2, then `eval.py shapes`.
 
-Opt-in (SVG_SLOW_TESTS=1, ~4 min on an idle 2-core CPU): it trains for real and checks that
+Opt-in (SVG_SLOW_TESTS=1, 83 s on the 2-core CPU at load 1.5): it trains for real and checks that
 the generator learns the classes, i.e. that samples of a requested shape are judged to be that
 shape well above chance (25%) and above the untrained generator. This run is about a third of
 the full tier's length. Expected to fail today (xfail): the full tier reaches only 26.5%
