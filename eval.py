@@ -13,12 +13,14 @@
     python eval.py curves runs/svg_xl                                                        # Fig. 14
     torchrun --nproc_per_node=8 eval.py calibrate --ae epoch=000040.ckpt --data /imagenet/train --out ae_cal.pt
     python eval.py bench-fid
+    python eval.py shapes --ckpt runs/dit_tiny/checkpoints/0002000.pt    # the tiny tier's number
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
 extraction -> metrics (Frechet distance, Inception Score, precision/recall, PSNR, SSIM)
 -> reference statistics -> reconstruction evaluation -> linear probe -> feature-space
-pictures (PCA maps, t-SNE) -> sweeps and training curves -> calibration of frozen Eq. (6)
-statistics (`calibrate`, for an autoencoder without them) -> CLI.
+pictures (PCA maps, t-SNE) -> sweeps and training curves -> the synthetic-shapes score of
+the tiny tier -> CLI (including `calibrate`: frozen Eq. (6) statistics for an autoencoder
+without them).
 
 Conventions, stated once here:
 - The Inception network is pytorch-fid's port of the 2015 TensorFlow FID graph
@@ -40,6 +42,10 @@ Conventions, stated once here:
   = its first dino_dim channels, SVG = all channels; no CLS token, as SVG has none.
 - FID-N names its sample count: FID-10K and the like are biased upward against FID-50K and
   are not comparable with the paper's numbers (sweeps and train_dit.py's online FID).
+- Shapes score (tiny tier, no Inception weights needed): a small CNN (ShapeJudge) trained on
+  the fly on real synthetic shapes names the class of each sample; the score is the share
+  of samples judged to be the requested class, plus the Frechet distance between the judge's
+  pooled features of samples and of real images (other images than those it trained on).
 - gFID uses ADM's reference batch (`VIRTUAL_imagenet256_labeled.npz`, mu/sigma computed
   by the TF evaluator on ImageNet train). rFID uses the 256x256 ADM centre crops of the
   validation images as reference, never the VIRTUAL batch.
@@ -65,6 +71,7 @@ from tqdm import tqdm
 
 import sample
 import svg
+from sample import decode, sample_noise  # the shapes score samples exactly as sample.py does
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
@@ -1097,6 +1104,104 @@ def plot_training_curves(runs, path):
 
 
 # ----------------------------------------------------------------------------------
+# Class-conditional score on the synthetic shapes (the tiny tier): a small judge CNN
+# ----------------------------------------------------------------------------------
+# Seeds of the synthetic sets used here; the tiny tier trains both stages on seed 0 (--seed).
+SHAPES_JUDGE_SEED, SHAPES_REF_SEED, SHAPES_TEST_SEED = 101, 102, 103  # judge training / FD reference / real row
+
+
+SHAPES_JUDGE_SIZE = 32  # the judge sees images average-pooled to 32 px: cheap, and blind to fine texture
+
+
+class ShapeJudge(nn.Module):
+    """A 4-layer CNN + global average pool + linear that names the shape class of an image.
+
+    Input: uint8 images, average-pooled to SHAPES_JUDGE_SIZE. features(): the pooled
+    [B, 4 * width] activations the Frechet distance is computed on.
+    """
+
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+        chans, layers = (3, width, 2 * width, 4 * width, 4 * width), []
+        for i, (c_in, c_out) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1), nn.BatchNorm2d(c_out),
+                       nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)  # [B, 4 width, 4, 4]
+        self.head = nn.Linear(chans[-1], num_classes)
+
+    def features(self, u):
+        """uint8 images [B, 3, H, W] -> pooled features [B, 4 * width] (float32)."""
+        x = F.adaptive_avg_pool2d(u.float() / 127.5 - 1, SHAPES_JUDGE_SIZE)  # [B, 3, 32, 32]
+        return self.trunk(x).mean((2, 3))
+
+    def forward(self, u):
+        return self.head(self.features(u))  # [B, num_classes] logits
+
+
+def synthetic_uint8(num_images, image_size, num_classes, seed):
+    """The synthetic set as the judge sees it: uint8 [N, 3, S, S] (quantised like samples), labels [N]."""
+    data = svg.SyntheticImages(num_images, image_size, num_classes, seed)
+    images, labels = zip(*(data[i] for i in range(num_images)))
+    return svg.to_uint8(torch.stack(images)), torch.tensor(labels)
+
+
+def train_shape_judge(num_classes, image_size, num_images=2048, epochs=8, batch_size=64, lr=3e-3, seed=0):
+    """ShapeJudge trained on real synthetic images (seed SHAPES_JUDGE_SEED), in eval mode, CPU."""
+    u, y = synthetic_uint8(num_images, image_size, num_classes, SHAPES_JUDGE_SEED)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        judge = ShapeJudge(num_classes)
+    opt = torch.optim.Adam(judge.parameters(), lr=lr)
+    steps = epochs * (num_images // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    judge.train()
+    for _ in range(epochs):
+        order = torch.randperm(num_images, generator=g)
+        for i in range(0, num_images - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(judge(u[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return judge.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def judge_images(judge, u, batch_size=256):
+    """Predicted classes [N] and pooled features [N, D] of uint8 images [N, 3, H, W]."""
+    preds, feats = [], []
+    for i in range(0, len(u), batch_size):
+        f = judge.features(u[i:i + batch_size])
+        feats.append(f)
+        preds.append(judge.head(f).argmax(1))
+    return torch.cat(preds), torch.cat(feats)
+
+
+def shape_score(judge, u, labels, ref_stats):
+    """Requested-class accuracy (%) and Frechet distance to the reference on the judge's features."""
+    pred, feats = judge_images(judge, u)
+    return dict(accuracy=(pred == labels).float().mean().item() * 100,
+                fd=frechet_distance(*feature_statistics(feats), *ref_stats),
+                per_class=[(pred[labels == k] == k).float().mean().item() * 100 for k in labels.unique().tolist()])
+
+
+@torch.no_grad()
+def generate_uint8(model, stats, ae, labels, seed, steps, cfg_scale, batch_size, device):
+    """Class-conditional samples as uint8 [N, 3, H, W]: sample.py's per-index noise, Euler ODE + CFG."""
+    gen = argparse.Namespace(stats=stats, ae=ae)  # what sample.decode reads
+    cfg = model.cfg
+    noise = sample_noise(range(len(labels)), (cfg.in_channels, cfg.input_size, cfg.input_size), seed)  # [N, C, h, w]
+    out = []
+    for i in range(0, len(labels), batch_size):
+        z = svg.sample_ode(model, noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device), steps,
+                           cfg_scale=cfg_scale, null_class=cfg.num_classes)  # [b, C, h, w]
+        out.append(svg.to_uint8(decode(gen, z)).cpu())  # [b, 3, H, W]
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
 def network_note(inception):
@@ -1388,6 +1493,57 @@ def run_calibrate(args, dist):
                   os.path.splitext(args.out)[0] + ".calibration.json", dist)
 
 
+def run_shapes(args, dist):
+    """Tiny tier: requested-class accuracy and judge-feature FD of class-conditional samples.
+
+    Rows: real synthetic images (the ceiling), stage-1 reconstructions of them, the SiT at
+    its initialisation (untrained: the floor, ~1 / num_classes), and the checkpoint's EMA SiT.
+    """
+    if dist.world_size > 1:
+        raise ValueError("`eval.py shapes` runs on one process: python eval.py shapes ...")
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # our own train_dit.py file
+    if not (isinstance(ckpt, dict) and "sit_config" in ckpt):
+        raise ValueError(f"{args.ckpt} is not a train_dit.py checkpoint: `shapes` scores generators trained on the "
+                         "built-in synthetic shapes (train_dit.py --preset tiny)")
+    data = ckpt["args"].get("data")
+    if data not in (None, "synthetic"):
+        raise ValueError(f"{args.ckpt} was trained on --data {data!r}: `shapes` scores generators trained on the "
+                         "synthetic shapes only (use `eval.py fid` for image folders)")
+    model, stats, ae = svg.load_generator(args.ckpt)  # EMA SiT, frozen, CPU
+    K, size, device = model.cfg.num_classes, ae.cfg.image_size, dist.device
+    if K > len(svg.SYNTHETIC_SHAPES):
+        raise ValueError(f"{args.ckpt} has {K} classes; the synthetic set has {len(svg.SYNTHETIC_SHAPES)}")
+    t0 = time.time()
+    judge = train_shape_judge(K, size, args.judge_images, args.judge_epochs, seed=args.seed)
+    n = args.per_class * K
+    ref_u, _ = synthetic_uint8(n, size, K, SHAPES_REF_SEED)
+    ref_stats = feature_statistics(judge_images(judge, ref_u)[1])
+    real_u, labels = synthetic_uint8(n, size, K, SHAPES_TEST_SEED)  # labels: i % K, balanced
+    with torch.random.fork_rng(devices=[]):  # train_dit.py's init: SiT(cfg) right after manual_seed(--seed)
+        torch.manual_seed(ckpt["args"]["seed"])
+        untrained = svg.SiT(model.cfg).eval().requires_grad_(False)
+    model, ae = model.to(device), ae.to(device)
+    with torch.no_grad():
+        recon = torch.cat([svg.to_uint8(ae.decode(ae.encode(real_u[i:i + 64].float().to(device) / 127.5 - 1))).cpu()
+                           for i in range(0, n, 64)])  # [n, 3, H, W]
+    sampling = dict(steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device)
+    rows = {"real": real_u, "reconstruction": recon,
+            "untrained": generate_uint8(untrained.to(device), stats, ae, labels, args.seed, **sampling),
+            "trained": generate_uint8(model, stats, ae, labels, args.seed, **sampling)}
+    results = {name: shape_score(judge, u, labels, ref_stats) for name, u in rows.items()}
+    results.update(checkpoint=args.ckpt, step=ckpt.get("step"), num_per_row=n, classes=list(svg.SYNTHETIC_SHAPES[:K]),
+                   sampler=f"{args.steps} Euler steps, cfg {args.cfg_scale}, noise seed {args.seed}",
+                   judge=f"ShapeJudge trained on {args.judge_images} synthetic images (seed {SHAPES_JUDGE_SEED}), "
+                         f"{args.judge_epochs} epochs", seconds=time.time() - t0)
+    lines = [f"{'row':15s} {'class acc %':>11s} {'FD':>9s}   per class ({', '.join(results['classes'])})"]
+    lines += [f"{name:15s} {results[name]['accuracy']:11.1f} {results[name]['fd']:9.3f}   "
+              + " / ".join(f"{a:.0f}" for a in results[name]["per_class"]) for name in rows]
+    lines.append(f"{n} images per row ({args.per_class} per class); FD on the judge's {judge.head.in_features}-d "
+                 f"features vs {n} other real images; {results['sampler']}; {results['seconds']:.0f} s")
+    write_results(results, lines, args.out or args.ckpt + ".shapes.json", dist)
+    return results
+
+
 def run_bench_fid(args):
     """Time the FID statistics and the matrix square root step (eigh form vs scipy sqrtm)."""
     rng = np.random.default_rng(args.seed)
@@ -1408,7 +1564,7 @@ def run_bench_fid(args):
           f"torch threads {torch.get_num_threads()}")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="SVG evaluation: gFID/IS/precision/recall, reconstruction, probe")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -1533,11 +1689,22 @@ def main():
     p.add_argument("runs", nargs="+", help="train_dit.py output folders (or their metrics.jsonl)")
     p.add_argument("--out", default="training_curves.png", help="output PNG")
 
+    p = common(sub.add_parser("shapes", help="tiny tier: requested-class accuracy + judge FD of samples of a "
+                                            "generator trained on the synthetic shapes"))
+    p.add_argument("--ckpt", required=True, help="train_dit.py checkpoint trained on --data synthetic")
+    p.add_argument("--per-class", type=int, default=100, help="samples (and real images) per class")
+    p.add_argument("--steps", type=int, default=25, help="Euler steps (as sample.py grid)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance (as sample.py grid)")
+    p.add_argument("--batch-size", type=int, default=100, help="samples per forward")
+    p.add_argument("--judge-images", type=int, default=2048, help="synthetic images the judge CNN is trained on")
+    p.add_argument("--judge-epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="judge init / batch order and sample noise")
+
     p = sub.add_parser("bench-fid", help="time the FID statistics and matrix square root on random features")
     p.add_argument("--num", type=int, default=50000, help="feature vectors per set")
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.command == "bench-fid":
         return run_bench_fid(args)
@@ -1546,10 +1713,12 @@ def main():
     if args.command == "sweep" and args.num_samples < IS_SPLITS:
         parser.error(f"--num-samples {args.num_samples}: the Inception Score needs at least {IS_SPLITS} samples")
     dist = svg.init_distributed()
-    svg.setup_precision("fp32" if args.command in ("fid", "sweep") else args.precision)  # FID: exact fp32
-    {"fid": run_fid, "recon": run_recon, "probe": run_probe, "pca": run_pca, "pca-sit": run_pca_sit,
-     "tsne": run_tsne, "sweep": run_sweep, "calibrate": run_calibrate}[args.command](args, dist)
+    svg.setup_precision("fp32" if args.command in ("fid", "sweep", "shapes") else args.precision)  # exact fp32
+    result = {"fid": run_fid, "recon": run_recon, "probe": run_probe, "pca": run_pca, "pca-sit": run_pca_sit,
+              "tsne": run_tsne, "sweep": run_sweep, "calibrate": run_calibrate,
+              "shapes": run_shapes}[args.command](args, dist)
     dist.close()
+    return result
 
 
 if __name__ == "__main__":

@@ -167,8 +167,22 @@ def test_presets():
     paper, tiny = svg.AE_PRESETS["paper"], svg.AE_PRESETS["tiny"]
     assert (paper.dino_arch, paper.image_size, paper.mask_prob, paper.align) == ("dinov3_vits16plus", 256, 0.1, "batch")
     assert (paper.residual_depth, paper.residual_width, paper.residual_heads, paper.residual_mlp) == (6, 384, 8, 1536)
-    assert tiny.dino_arch == "dinov3_vits16plus" and tiny.image_size == 64
+    assert tiny.dino_arch == "dinov3_vits16plus" and (tiny.image_size, tiny.dino_layer) == (32, 0)
     assert svg.AEConfig(**dataclasses.asdict(paper)) == paper
+
+
+def test_tiny_preset_block_0_is_the_last_block_of_a_random_dino():
+    # The tiny tier reads DINO block 0 (AE_PRESETS comment): with random weights the 12 blocks are the
+    # identity to ~1e-5 (LayerScale 1e-5), so it equals the paper's last-block features at 1/12 the cost,
+    # and they differ between images (not degenerate).
+    torch.manual_seed(0)
+    ae = svg.SVGAutoencoder(svg.AE_PRESETS["tiny"]).eval()
+    x = torch.stack([svg.SyntheticImages(4, 32)[i][0] for i in range(4)])  # [4, 3, 32, 32]
+    x = ((x + 1) / 2 - ae.imagenet_mean) / ae.imagenet_std
+    first, last = (ae.dino.get_intermediate_layers(x, n=[k], reshape=True)[0] for k in (0, 11))
+    assert ((first - last).norm() / last.norm()).item() < 1e-4
+    between = (first - first.mean(0, keepdim=True)).pow(2).mean() / first.var(unbiased=False)
+    assert between > 0.5  # most of the variance is between images
 
 
 def test_bad_inputs_have_clear_errors():

@@ -263,7 +263,8 @@ import svg  # noqa: E402
 
 def tiny_ae_checkpoint(path, use_residual=True):
     """A randomly initialised tiny autoencoder saved in the stage-1 checkpoint format."""
-    cfg = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", use_residual=use_residual)
+    cfg = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", use_residual=use_residual,
+                              image_size=64, dino_layer=None, decoder_attn_resolutions=(4,))  # 64 px, last block
     ae = svg.SVGAutoencoder(cfg)
     if use_residual:  # running Eq. (6) statistics, as one stage-1 step keeps them
         ae.train().encode(torch.rand(4, 3, cfg.image_size, cfg.image_size) * 2 - 1)
@@ -350,3 +351,40 @@ def test_probe_cli_beats_chance_on_separable_classes(tmp_path, monkeypatch, caps
     assert r["dino"]["channels"] == 128 and r["svg"]["channels"] == 136
     assert r["dino"]["top1"] > 90 and r["svg"]["top1"] > 90  # chance: 33%
     assert "linear probe svg: top-1" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- shapes: the tiny tier's class score
+def test_shape_judge_names_real_shapes_and_not_noise():
+    judge = ev.train_shape_judge(4, 32, num_images=1024, epochs=4)
+    u, y = ev.synthetic_uint8(200, 32, 4, ev.SHAPES_TEST_SEED)  # images the judge never saw
+    ref = ev.feature_statistics(ev.judge_images(judge, ev.synthetic_uint8(200, 32, 4, ev.SHAPES_REF_SEED)[0])[1])
+    real = ev.shape_score(judge, u, y, ref)
+    assert real["accuracy"] > 45  # chance: 25% (this judge sees 1024 x 4 images; the default 2048 x 8: ~99%)
+    flat = torch.full_like(u, 128)  # grey images carry no class: one prediction for all, 25% right
+    blank = ev.shape_score(judge, flat, y, ref)
+    assert blank["accuracy"] == 25.0 and blank["fd"] > 10 * real["fd"]
+
+
+def test_shapes_command_rows_and_untrained_rebuild(tmp_path, capsys):
+    # A stage-2 checkpoint whose EMA is still its initialisation (train_dit.py builds SiT(cfg) right after
+    # manual_seed(--seed)): the "untrained" row must rebuild exactly those weights, so both rows agree.
+    torch.manual_seed(0)
+    ae_cfg = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", image_size=32)
+    ae = svg.SVGAutoencoder(ae_cfg)
+    sit_cfg = dataclasses.replace(svg.SIT_PRESETS["SiT-tiny"], in_channels=ae.feature_dim, input_size=2, num_classes=4)
+    torch.manual_seed(7)
+    init = svg.SiT(sit_cfg).state_dict()
+    C = ae.feature_dim
+    ckpt = {"ema": init, "step": 5, "sit_config": dataclasses.asdict(sit_cfg), "ae_config": dataclasses.asdict(ae_cfg),
+            "ae": ae.state_dict(), "feature_stats": {"mean": torch.zeros(C), "std": torch.ones(C)},
+            "args": {"data": "synthetic", "seed": 7}}
+    torch.save(ckpt, tmp_path / "g.pt")
+    quick = ["--per-class", "4", "--steps", "2", "--judge-images", "128", "--judge-epochs", "1"]
+    r = ev.main(["shapes", "--ckpt", str(tmp_path / "g.pt"), *quick])
+    assert set(r) >= {"real", "reconstruction", "untrained", "trained"} and r["num_per_row"] == 16
+    assert r["untrained"] == r["trained"]
+    assert "untrained" in capsys.readouterr().out and (tmp_path / "g.pt.shapes.json").exists()
+    ckpt["args"]["data"] = "/imagenet/train"
+    torch.save(ckpt, tmp_path / "folder.pt")
+    with pytest.raises(ValueError, match="synthetic shapes only"):
+        ev.main(["shapes", "--ckpt", str(tmp_path / "folder.pt"), *quick])

@@ -20,7 +20,7 @@ import svg
 import train_dit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny")  # 64 px, 136 channels
+TINY = svg.resize_ae_config(dataclasses.replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny"), 64)  # 64 px, 136 channels
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (220, 220, 60)]
 
 

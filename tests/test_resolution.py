@@ -20,7 +20,7 @@ import train_dit
 from test_sample import tiny_stage2_checkpoint
 
 # A very small AE (as tests/test_train_ae.py) at 64 px; --init-from moves it to 128 px.
-AE = ["--preset", "tiny", "--ae-set", "dino_arch=dinov3_tiny", "decoder_ch_mult=[1,1,1,1,1]",
+AE = ["--preset", "tiny", "--ae-set", "dino_arch=dinov3_tiny", "image_size=64", "decoder_ch_mult=[1,1,1,1,1]",
       "decoder_num_res_blocks=0", "residual_depth=1", "residual_width=64", "residual_heads=2", "residual_mlp=64",
       "--num-synthetic", "8", "--num-eval", "2", "--global-batch", "2", "--log-every", "1",
       "--sample-every", "1000", "--eval-every", "1000", "--ckpt-every", "1000"]
@@ -136,7 +136,7 @@ def test_train_dit_init_from_loads_model_and_ema_with_fresh_optimizer_and_stats(
     assert new["step"] == 1 and new["opt"]["state"][0]["step"] == 1
     # the EMA continued from the source EMA: one update ema + (1 - decay) (model - ema)
     for k, v in src["ema"].items():
-        torch.testing.assert_close(new["ema"][k], v + (1 - svg.EMA_DECAY) * (new["model"][k] - v), atol=1e-6,
+        torch.testing.assert_close(new["ema"][k], v + (1 - new["args"]["ema_decay"]) * (new["model"][k] - v), atol=1e-6,
                                    rtol=1e-5)
     moved = [k for k in src["model"] if not torch.equal(src["model"][k], new["model"][k])]
     assert moved  # the step trained the source weights
@@ -161,7 +161,7 @@ def test_train_dit_init_from_the_official_layout(runs, tmp_path, monkeypatch):
     new = load(tmp_path / "run" / "checkpoints" / "0000001.pt")
     assert new["sit_config"]["reversed_time"] and new["sit_config"]["input_size"] == 8
     for k, v in ema.items():  # model and EMA both start from the official EMA weights
-        torch.testing.assert_close(new["ema"][k], v + (1 - svg.EMA_DECAY) * (new["model"][k] - v), atol=1e-6,
+        torch.testing.assert_close(new["ema"][k], v + (1 - new["args"]["ema_decay"]) * (new["model"][k] - v), atol=1e-6,
                                    rtol=1e-5)
     train_dit.main(DIT + ["--ae", runs["ae128"], "--out", str(tmp_path / "run"), "--steps", "2", "--resume", "auto"])
     assert load(tmp_path / "run" / "checkpoints" / "0000002.pt")["sit_config"]["reversed_time"]  # resumes as such

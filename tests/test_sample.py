@@ -27,7 +27,8 @@ SIZE = 32  # image size; features are [C, 2, 2]
 def tiny_stage2_checkpoint(path, with_stats=True):
     """A random tiny generator in the train_dit.py checkpoint format (CONTRACT.md)."""
     torch.manual_seed(0)
-    ae_cfg = replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", image_size=SIZE)
+    ae_cfg = replace(svg.AE_PRESETS["tiny"], dino_arch="dinov3_tiny", image_size=SIZE, dino_layer=None,
+                     decoder_attn_resolutions=(4,))  # the autoencoder these tests' thresholds were set on
     ae = svg.SVGAutoencoder(ae_cfg)
     sit_cfg = replace(svg.SIT_PRESETS["SiT-tiny"], in_channels=ae.feature_dim, input_size=SIZE // svg.PATCH_SIZE,
                       num_classes=NUM_CLASSES)

@@ -55,7 +55,7 @@ def load(path):
 def test_paper_preset_is_table5():
     a = train_dit.parse_args(["--ae", "ae.pt", "--data", "imagenet/train"])
     assert (a.model, a.global_batch, a.lr, a.steps) == ("SiT-XL", 256, 1e-4, 7_000_000)
-    assert svg.ADAM_BETAS == (0.9, 0.999) and svg.EMA_DECAY == 0.9999
+    assert svg.ADAM_BETAS == (0.9, 0.999) and svg.EMA_DECAY == 0.9999 == a.ema_decay
     assert train_dit.parse_args(["--preset", "paper", "--ae", "a", "--data", "d", "--lr", "3e-4"]).lr == 3e-4
 
 
@@ -67,8 +67,9 @@ def test_one_step_updates_the_model_and_the_ema_exactly(ae_path, tmp_path, few_i
     init = svg.SiT(svg.SiTConfig(**ckpt["sit_config"])).state_dict()
     changed = [k for k in init if not torch.equal(init[k], ckpt["model"][k])]
     assert "final_layer.linear.weight" in changed  # zero-init output layer got a gradient
-    for k in init:  # EMA 0.9999 from an exact copy of the init
-        torch.testing.assert_close(ckpt["ema"][k], 0.9999 * init[k] + 1e-4 * ckpt["model"][k])
+    d = train_dit.PRESETS["tiny"]["ema_decay"]
+    for k in init:  # EMA from an exact copy of the init
+        torch.testing.assert_close(ckpt["ema"][k], d * init[k] + (1 - d) * ckpt["model"][k])
     assert ckpt["sit_config"]["in_channels"] == 136 and ckpt["sit_config"]["input_size"] == 2
     assert torch.equal(ckpt["ae"]["decoder.conv_out.weight"], load(ae_path)["ae"]["decoder.conv_out.weight"])
     stats = torch.load(tmp_path / "feature_stats.pt")
