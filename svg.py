@@ -2110,44 +2110,23 @@ def build_dataset(spec: str, image_size: int, *, crop: str = "center", flip: boo
 PRECISIONS = ("fp32", "tf32", "bf16")  # the one precision switch of every script
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1 (batch sizes, step counts, intervals, image sizes)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def argument_type(name, parse, ok, need):
+    """An argparse type: parse(text), refused with "must be <need>" unless ok(value)."""
+    def check(text):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        return value
+    check.__name__ = name  # argparse names it in "invalid <name> value"
+    return check
 
 
-def nonnegative_int(text):
-    """argparse type: an integer >= 0 (train_ae --steps 0 writes the initial state, e.g. an --init-from)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def finite_float(text):
-    """argparse type: a finite float (no nan / inf)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite float > 0 (learning rates, time shifts)."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def nonnegative_float(text):
-    """argparse type: a finite float >= 0."""
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+positive_int = argument_type("positive_int", int, lambda v: v >= 1, "an integer >= 1")  # sizes, counts, intervals
+nonnegative_int = argument_type("nonnegative_int", int, lambda v: v >= 0,
+                                "an integer >= 0")  # train_ae --steps 0 writes the initial state (--init-from)
+finite_float = argument_type("finite_float", float, math.isfinite, "a finite number")  # no nan / inf
+positive_float = argument_type("positive_float", finite_float, lambda v: v > 0, "> 0")  # learning rates, shifts
+nonnegative_float = argument_type("nonnegative_float", finite_float, lambda v: v >= 0, ">= 0")
 
 
 @dataclass
