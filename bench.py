@@ -490,7 +490,7 @@ def main(argv=None):
 
     if "ae_step" in args.what:  # one train_ae.py iteration past disc_start: AE step with the GAN, then D step
         svg.setup_precision(args.precision)
-        ae1 = svg.SVGAutoencoder(svg.AE_PRESETS[args.ae]).to(device).train()
+        ae1 = svg.SVGAutoencoder(ae_cfg).to(device).train()
         disc, lpips = svg.PatchGAN().to(device).train(), svg.LPIPS().to(device)  # random weights
         opt_ae = torch.optim.Adam(ae1.trainable_parameters(), lr=1e-4, betas=svg.ADAM_BETAS_GAN, fused=True)
         opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=svg.ADAM_BETAS_GAN, fused=True)

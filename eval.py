@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 import sample
 import svg
-from sample import decode, sample_noise  # the shapes score samples exactly as sample.py does
+from sample import sample_noise  # the shapes score samples exactly as sample.py does
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
@@ -1188,19 +1188,6 @@ def shape_score(judge, u, labels, ref_stats):
 
 
 @torch.no_grad()
-def generate_uint8(model, stats, ae, labels, seed, steps, cfg_scale, batch_size, device):
-    """Class-conditional samples as uint8 [N, 3, H, W]: sample.py's per-index noise, Euler ODE + CFG."""
-    gen = argparse.Namespace(stats=stats, ae=ae)  # what sample.decode reads
-    cfg = model.cfg
-    noise = sample_noise(range(len(labels)), (cfg.in_channels, cfg.input_size, cfg.input_size), seed)  # [N, C, h, w]
-    out = []
-    for i in range(0, len(labels), batch_size):
-        z = svg.sample_ode(model, noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device), steps,
-                           cfg_scale=cfg_scale, null_class=cfg.num_classes)  # [b, C, h, w]
-        out.append(svg.to_uint8(decode(gen, z)).cpu())  # [b, 3, H, W]
-    return torch.cat(out)
-
-
 # ----------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------
@@ -1315,6 +1302,7 @@ def run_pca(args, dist):
     """Fig. 11-12 (App. G): PCA feature maps of the chosen spaces of a stage-1 autoencoder, as one PNG."""
     single_process("pca", dist)
     ae = svg.load_autoencoder(args.ae).to(dist.device)
+    ae.align_stats = args.align_stats
     image_size = args.image_size or ae.cfg.image_size
     dataset = spread_subset(svg.build_dataset(args.data, image_size, on_error="raise"), args.num_images)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(dist.device)  # [B, 3, H, W]
@@ -1366,6 +1354,7 @@ def run_tsne(args, dist):
     panels, titles, labels = [], set(), None
     for path, probe_file in zip(args.ae, probe_files):
         ae = svg.load_autoencoder(path).to(dist.device)
+        ae.align_stats = args.align_stats
         image_size = args.image_size or ae.cfg.image_size
         dataset = svg.build_dataset(args.data, image_size, on_error="raise")  # as `eval.py probe`
         subset = class_subset(dataset, args.num_classes, args.per_class, args.seed)
@@ -1384,6 +1373,9 @@ def run_tsne(args, dist):
             titles.add(title)
             top1 = None
             if probe is not None:
+                if probe.get("align_stats", args.align_stats) != args.align_stats:
+                    raise ValueError(f"{probe_file} was written with --align-stats {probe['align_stats']}, this "
+                                     f"t-SNE encodes with {args.align_stats}: pass the same mode to both")
                 if probe.get(space, {}).get("channels") != channels:
                     raise ValueError(f"{probe_file} has no {channels}-channel '{space}' probe: it was written for "
                                      f"another autoencoder than {path}; rerun `eval.py probe --ae {path}`")
@@ -1501,7 +1493,7 @@ def run_shapes(args, dist):
     """
     if dist.world_size > 1:
         raise ValueError("`eval.py shapes` runs on one process: python eval.py shapes ...")
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # our own train_dit.py file
+    ckpt = svg.load_checkpoint(args.ckpt, "--ckpt")  # weights only: a train_dit.py file
     if not (isinstance(ckpt, dict) and "sit_config" in ckpt):
         raise ValueError(f"{args.ckpt} is not a train_dit.py checkpoint: `shapes` scores generators trained on the "
                          "built-in synthetic shapes (train_dit.py --preset tiny)")
@@ -1509,7 +1501,8 @@ def run_shapes(args, dist):
     if data not in (None, "synthetic"):
         raise ValueError(f"{args.ckpt} was trained on --data {data!r}: `shapes` scores generators trained on the "
                          "synthetic shapes only (use `eval.py fid` for image folders)")
-    model, stats, ae = svg.load_generator(args.ckpt)  # EMA SiT, frozen, CPU
+    gen = sample.load_gen(args.ckpt, None, None, dist.device)  # EMA SiT, frozen, on the device
+    model, ae = gen.model, gen.ae
     K, size, device = model.cfg.num_classes, ae.cfg.image_size, dist.device
     if K > len(svg.SYNTHETIC_SHAPES):
         raise ValueError(f"{args.ckpt} has {K} classes; the synthetic set has {len(svg.SYNTHETIC_SHAPES)}")
@@ -1522,14 +1515,17 @@ def run_shapes(args, dist):
     with torch.random.fork_rng(devices=[]):  # train_dit.py's init: SiT(cfg) right after manual_seed(--seed)
         torch.manual_seed(ckpt["args"]["seed"])
         untrained = svg.SiT(model.cfg).eval().requires_grad_(False)
-    model, ae = model.to(device), ae.to(device)
     with torch.no_grad():
         recon = torch.cat([svg.to_uint8(ae.decode(ae.encode(real_u[i:i + 64].float().to(device) / 127.5 - 1))).cpu()
                            for i in range(0, n, 64)])  # [n, 3, H, W]
-    sampling = dict(steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device)
+    # sample.py's sampler (per-index noise from --seed, Euler ODE + CFG, decode), as `sample.py grid`
+    sampler = sample.export_config(seed=args.seed, steps=args.steps, cfg_scale=args.cfg_scale,
+                                   batch_size=args.batch_size)
+    noise = sample_noise(range(n), sample.feature_shape(gen), args.seed)  # [n, C, h, w]
     rows = {"real": real_u, "reconstruction": recon,
-            "untrained": generate_uint8(untrained.to(device), stats, ae, labels, args.seed, **sampling),
-            "trained": generate_uint8(model, stats, ae, labels, args.seed, **sampling)}
+            "untrained": svg.to_uint8(sample.generate(argparse.Namespace(**{**vars(gen), "model": untrained.to(device)}),
+                                                      noise, labels, sampler, device)).cpu(),
+            "trained": svg.to_uint8(sample.generate(gen, noise, labels, sampler, device)).cpu()}
     results = {name: shape_score(judge, u, labels, ref_stats) for name, u in rows.items()}
     results.update(checkpoint=args.ckpt, step=ckpt.get("step"), num_per_row=n, classes=list(svg.SYNTHETIC_SHAPES[:K]),
                    sampler=f"{args.steps} Euler steps, cfg {args.cfg_scale}, noise seed {args.seed}",
@@ -1624,6 +1620,7 @@ def main(argv=None):
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
     p.add_argument("--data", required=True, help="image folder, or 'synthetic'")
     p.add_argument("--num-images", type=int, default=8, help="images, evenly spread over the data; one row each")
+    p.add_argument("--align-stats", choices=svg.ALIGN_STATS_MODES, default="frozen", help=ALIGN_STATS_HELP)
     p.add_argument("--spaces", nargs="+", choices=("svg", "dino", "residual"), default=["svg", "dino", "residual"],
                    help="columns after the image: SVG (392 ch), DINO-only (384), residual-only (8)")
     p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's image_size")
@@ -1649,6 +1646,8 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--ae", nargs="+", required=True,
                    help="stage-1 checkpoints: SVG, align=none (Table 4), dino_layer=k (Table 6), ...")
+    p.add_argument("--align-stats", choices=svg.ALIGN_STATS_MODES, default="frozen",
+                   help=ALIGN_STATS_HELP + "; the same as the probe jsons were written with")
     p.add_argument("--probe", nargs="+", default=None,
                    help="`eval.py probe` json per --ae (default: AE.probe.json, where probe writes it)")
     p.add_argument("--data", required=True, help="labelled folder (class subfolders), or 'synthetic'")

@@ -123,9 +123,9 @@ def run_grid(args, gen, dist):
 def export_settings(args):
     """Everything that changes the samples; a resumed export must match it exactly. Input files
     are recorded by content (sha256), so a file replaced between two runs is caught; the batch
-    size is recorded since batched kernels round differently."""
+    size and --compile are recorded since batched and compiled kernels round differently."""
     keys = ("num_samples", "labels", "seed", "steps", "method", "shift", "cfg_scale", "cfg_mode",
-            "zero_init_steps", "precision", "shard_size", "batch_size")
+            "zero_init_steps", "precision", "shard_size", "batch_size", "compile")
     settings = {k: getattr(args, k) for k in keys}
     settings["cfg_interval"] = list(args.cfg_interval)
     for k in ("ckpt", "ae", "stats"):  # input files, by content
@@ -200,7 +200,7 @@ def export_in_memory(gen, args, dist, bar=None):
 
 
 # Flags an in-process export does not take: the caller owns the checkpoint, files and sharding.
-IN_PROCESS_FIXED = ("--ckpt", "--ae", "--stats", "--out-dir", "--max-shards")
+IN_PROCESS_FIXED = ("--ckpt", "--ae", "--stats", "--out-dir", "--max-shards", "--compile", "--trust-pickle")
 
 
 def export_config(flags="", **fixed):
