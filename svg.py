@@ -2269,6 +2269,9 @@ def check_init_from(parser, args, example_out):
     if args.init_from and args.out is None:
         parser.error(f"--init-from starts a new run: give it its own --out (e.g. {example_out}), not the folder of "
                      "the run it starts from")
+    if args.init_from and os.path.realpath(args.init_from).startswith(os.path.realpath(args.out) + os.sep):
+        parser.error(f"--init-from {args.init_from} lies inside --out {args.out}: a new run needs its own folder "
+                     f"(e.g. {example_out}); --overwrite there would delete the file it starts from")
 
 
 CHECKPOINT_GLOB = "[0-9]" * 7 + ".pt"  # <out>/checkpoints/NNNNNNN.pt, named by step

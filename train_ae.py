@@ -343,10 +343,7 @@ def main(argv=None):
 
     # ---- resume (model, discriminator, optimisers, step, data position, per-rank RNG)
     step = 0
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume!r} not found: pass a checkpoint written by "
-                                f"train_ae.py or 'auto'")
-    resume, ckpt = resume_checkpoint(args.resume, args.out, log, "--resume checkpoint")
+    resume, ckpt = resume_checkpoint(args.resume, args.out, log, "--resume checkpoint", args.trust_pickle)
     if resume:
         if ckpt["ae_config"] != dataclasses.asdict(cfg):
             raise ValueError(f"{resume} was trained with AEConfig {ckpt['ae_config']}, this run has "
@@ -370,6 +367,7 @@ def main(argv=None):
         if key in state:  # [1, 1 + n*n, D] -> [1, 1 + h*w, D] for this run's grid, class token kept
             state[key] = resample_pos_embed(state[key], size // PATCH_SIZE, size // PATCH_SIZE)
         load_strict(ae, state, f"--init-from {args.init_from}")
+        ae.align_batch.fill_(batch // args.grad_accum)  # this run's Eq. (6) batch, not the source run's
         if isinstance(init, dict) and "disc" in init:  # PatchGAN is fully convolutional: any size
             disc.load_state_dict(init["disc"])
         log(f"initialised from {args.init_from} ({source.cfg.image_size} px -> {size} px; autoencoder"
@@ -385,7 +383,7 @@ def main(argv=None):
     model = Reconstruct(ae)
     if dist.initialized:
         ids = [device.index] if device.type == "cuda" else None
-        model = ddp(model, device_ids=ids, broadcast_buffers=False)  # the AE has no running stats
+        model = ddp(model, device_ids=ids, broadcast_buffers=False)  # Eq. (6) running stats: all-reduced below
         disc_ddp = ddp(disc, device_ids=ids)  # BatchNorm running stats follow rank 0
     else:
         disc_ddp = disc

@@ -25,9 +25,10 @@ Eq. (6) statistics (--align-stats): "frozen" (default) encodes with the running 
 autoencoder kept in stage 1, so every image gets the same features in any batch, cached or on
 the fly; "batch" uses each batch's statistics, as the official code (bit for bit with it). The
 feature statistics pass and --extract encode in training-like batches either way: a seeded
-permutation of the images cut into batches of the stage-1 per-GPU size (the flips as batches
-of their own), assigned to ranks round robin, so features never follow the folder's class
-order (one class per batch) and do not depend on the number of processes.
+permutation of the images cut into batches (of the stage-1 per-GPU size with --align-stats
+batch, where the batch matters; of the per-process batch when frozen), the flips as batches of
+their own, assigned to ranks round robin, so features never follow the folder's class order
+(one class per batch) and do not depend on the number of processes.
 
 Randomness: horizontal flips are part of the dataset (item k = image k mod N, flipped when
 k >= N), and the noise, time and label dropout of a step are drawn for the whole global
@@ -43,6 +44,7 @@ with the paper's FID-50K.
 """
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -99,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=svg.positive_float, help="AdamW lr; on --resume the checkpoint's unless given")
     p.add_argument("--steps", type=svg.positive_int, help="total optimizer steps")
     p.add_argument("--grad-clip", type=float, help="clip the global grad norm (official: none)")
-    p.add_argument("--ema-decay", type=float, help="EMA decay per step (paper: 0.9999; sampling uses the EMA)")
+    p.add_argument("--ema-decay", type=svg.argument_type("ema_decay", float, lambda d: 0 <= d < 1, "in [0, 1)"), help="EMA decay per step (paper: 0.9999; sampling uses the EMA)")
     p.add_argument("--precision", choices=list(svg.PRECISIONS))
     p.add_argument("--compile", action="store_true", help="torch.compile the model forward")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute SiT blocks in backward")
@@ -344,6 +346,9 @@ def main(argv=None):
 
     fresh = args.resume is None and not args.extract  # --extract writes no checkpoints
     lock = svg.claim_output(args.out, fresh, args.overwrite, log) if dist.is_main else None  # refuses a used --out
+    if fresh and dist.is_main:  # a fresh run's curves start empty (an --overwrite'n run's records go too)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.out, ev.TRAINING_METRICS))
 
     log(f"train_dit.py {json.dumps(vars(args))} | {dist.world_size} process(es) on {device}")
     resume, ckpt = svg.resume_checkpoint(args.resume, args.out, log, "--resume checkpoint", args.trust_pickle)
@@ -438,8 +443,12 @@ def main(argv=None):
     else:
         if ckpt["sit_config"] != asdict(cfg):
             raise ValueError(f"{resume} has sit_config {ckpt['sit_config']}, this run builds {asdict(cfg)}")
-        if any(not torch.equal(v, ckpt["ae"][k]) for k, v in ae_state.items()):
+        if any(k in ckpt["ae"] and not torch.equal(v, ckpt["ae"][k]) for k, v in ae_state.items()):  # older: no align_*
             raise ValueError(f"{resume} was trained on features of a different autoencoder than --ae {args.ae}")
+        if ckpt.get("align_stats", "batch") != ae.align_stats:  # Eq. (6) mode of the features it trained on
+            raise ValueError(f"{resume} was trained on features encoded with --align-stats "
+                             f"{ckpt.get('align_stats', 'batch')}, this run encodes with {ae.align_stats}: pass "
+                             f"--align-stats {ckpt.get('align_stats', 'batch')} (or a --cache made that way)")
         svg.load_strict(raw, ckpt["model"], resume)  # also refuses NaN / inf weights
         svg.load_strict(ema, ckpt["ema"], f"the EMA of {resume}")  # never re-initialised after resume
         opt.load_state_dict(ckpt["opt"])
@@ -546,6 +555,7 @@ def main(argv=None):
                 }, last_ckpt)
                 log(f"saved {last_ckpt}")
         if args.fid_every is not None and (step % args.fid_every == 0 or step == args.steps):
+            stop_if_nonfinite(weights=True)  # never score (or sample) a diverged EMA
             t0 = time.time()
             r = ev.score_generator(fid_gen, fid_sampler, inception, fid_ref, dist)
             if dist.is_main:

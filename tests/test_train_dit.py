@@ -214,3 +214,28 @@ def test_load_generator_native_and_official(ae_path, tmp_path, few_images):
     torch.testing.assert_close(official(x, t, y), -model(x, 1 - t, y))
     with pytest.raises(ValueError, match="is a train_dit.py checkpoint with its own autoencoder"):
         svg.load_generator(path, ae=ae_path)
+
+
+def test_resume_keeps_the_eq6_mode_and_reads_older_checkpoints(ae_path, tmp_path, few_images):
+    # A resumed run must encode as the run did: a changed --align-stats is refused, not silently used.
+    train_dit.main(args(ae_path, tmp_path, steps=3))
+    with pytest.raises(ValueError, match="--align-stats frozen"):
+        train_dit.main(args(ae_path, tmp_path, "--resume", "auto", "--align-stats", "batch"))
+    # A checkpoint written before the running Eq. (6) statistics existed (no align_* keys) resumes.
+    ckpt = load(tmp_path / "checkpoints" / "0000003.pt")
+    ckpt["ae"] = {k: v for k, v in ckpt["ae"].items() if not k.startswith("align_")}
+    del ckpt["align_stats"]
+    ckpt_path = tmp_path / "older.pt"
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(ValueError, match="--align-stats batch"):  # older files encoded per batch
+        train_dit.main(args(ae_path, tmp_path / "b", "--resume", str(ckpt_path)))
+    train_dit.main(args(ae_path, tmp_path / "b", "--resume", str(ckpt_path), "--align-stats", "batch"))
+    assert load(tmp_path / "b" / "checkpoints" / "0000006.pt")["step"] == 6
+
+
+def test_init_from_inside_its_own_out_is_refused(tmp_path, capsys):
+    # --overwrite there would delete the very file the new run starts from.
+    with pytest.raises(SystemExit):
+        train_dit.parse_args(["--preset", "tiny", "--ae", "ae.pt", "--out", str(tmp_path),
+                              "--init-from", str(tmp_path / "checkpoints" / "0000300.pt")])
+    assert "lies inside --out" in capsys.readouterr().err
