@@ -798,6 +798,9 @@ class SVGAutoencoder(nn.Module):
         self.register_buffer("align_tracked", torch.zeros((), dtype=torch.long))
         self.register_buffer("align_batch", torch.tensor(STAGE1_BATCH))
         self.align_stats = "frozen"  # outside stage-1 training: "frozen" running stats or the official "batch"
+        # "align_tracked > 0" read once, not per encode (a host sync); re-read after a state dict load
+        self.frozen_ready = False
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "frozen_ready", False))
         self.dino_train_mode = False  # stage 1 only: DINO in train mode = DINOv3's RoPE rescale (official run)
 
     def train(self, mode=True):
@@ -866,12 +869,13 @@ class SVGAutoencoder(nn.Module):
             return align_residual(f_r, f_d)
         if self.align_stats != "frozen":
             raise ValueError(f"align_stats must be one of {ALIGN_STATS_MODES}, got {self.align_stats!r}")
-        if not self.align_tracked:
+        if not self.frozen_ready and not self.align_tracked:
             raise ValueError(
                 "this autoencoder has no frozen Eq. (6) statistics (an official .ckpt, or a checkpoint saved "
                 "before any stage-1 step): calibrate them once with `python eval.py calibrate --ae <ckpt> --data "
                 "<training images> --out <new ckpt>` (svg.calibrate_alignment), or encode with the official "
                 "per-batch statistics (--align-stats batch, ae.align_stats = 'batch')")
+        self.frozen_ready = True
         return align_residual(f_r, f_d, stats=self.align_running)
 
     @torch.no_grad()
@@ -1817,6 +1821,16 @@ def import_official_sit(state_dict, cfg=None):
     return model.eval()
 
 
+def stage2_kind(ckpt, path):
+    """"native" (a train_dit.py checkpoint) or "official" (the SVG-XL file {"ema": DiT state dict})."""
+    if isinstance(ckpt, dict) and "sit_config" in ckpt:
+        return "native"
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
+        return "official"
+    raise ValueError(f"{path} is not a stage-2 checkpoint: expected a train_dit.py checkpoint (key 'sit_config') "
+                     "or the official SVG-XL file {'ema': DiT state dict}")
+
+
 def load_generator(path, ae=None, stats=None, trust_pickle=False):
     """(EMA SiT in eval, feature stats, SVGAutoencoder) for sampling, all on CPU and frozen.
 
@@ -1829,7 +1843,7 @@ def load_generator(path, ae=None, stats=None, trust_pickle=False):
     statistics once calibrated (calibrate_alignment), which stand in for its training batches.
     """
     ckpt = load_checkpoint(path, "stage-2 checkpoint", trust_pickle)
-    if isinstance(ckpt, dict) and "sit_config" in ckpt:
+    if stage2_kind(ckpt, path) == "native":
         if ae is not None or stats is not None:
             raise ValueError(f"{path} is a train_dit.py checkpoint with its own autoencoder and stats; drop ae/stats")
         model = SiT(SiTConfig(**ckpt["sit_config"]))
@@ -1841,7 +1855,7 @@ def load_generator(path, ae=None, stats=None, trust_pickle=False):
                              "SVG features the SiT was trained on), so samples cannot be denormalised: use a "
                              "checkpoint written by train_dit.py, which stores them")
         stats = load_feature_stats(ckpt["feature_stats"], model.cfg.in_channels)
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
+    else:  # official
         if ae is None or stats is None:
             raise ValueError(
                 f"{path} is an official SVG DiT checkpoint: it holds only the diffusion weights. Also pass "
@@ -1851,11 +1865,6 @@ def load_generator(path, ae=None, stats=None, trust_pickle=False):
         model = import_official_sit(ckpt["ema"])
         autoencoder = load_autoencoder(ae, trust_pickle=trust_pickle)
         stats = load_feature_stats(stats, model.cfg.in_channels)
-    else:
-        raise ValueError(
-            f"{path} is not a stage-2 checkpoint: expected a train_dit.py checkpoint (key 'sit_config') "
-            "or the official SVG-XL file {'ema': DiT state dict}"
-        )
     if autoencoder.feature_dim != model.cfg.in_channels:
         raise ValueError(
             f"the autoencoder makes {autoencoder.feature_dim}-channel features but the SiT expects "

@@ -170,13 +170,10 @@ def init_weights(path, trust_pickle=False):
     SiT rebuilds for its own grid (sincos_pos_embed_2d), so 16x16 weights load into a 32x32 SiT.
     """
     ckpt = svg.load_checkpoint(path, "--init-from", trust_pickle)  # our own / the authors' file
-    if isinstance(ckpt, dict) and "sit_config" in ckpt:
+    if svg.stage2_kind(ckpt, f"--init-from {path!r}") == "native":
         return svg.SiTConfig(**ckpt["sit_config"]), ckpt["model"], ckpt["ema"]
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("ema"), dict) and "ln1.weight" in ckpt["ema"]:
-        state = svg.import_official_sit(ckpt["ema"]).state_dict()  # official: EMA weights only, reversed time
-        return svg.official_sit_config(ckpt["ema"]), state, state
-    raise ValueError(f"--init-from {path!r} is not a stage-2 checkpoint: expected a train_dit.py checkpoint "
-                     "(key 'sit_config') or the official SVG-XL file {'ema': DiT state dict}")
+    state = svg.import_official_sit(ckpt["ema"]).state_dict()  # official: EMA weights only, reversed time
+    return svg.official_sit_config(ckpt["ema"]), state, state
 
 
 def fingerprint(module):

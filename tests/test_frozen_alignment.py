@@ -93,6 +93,14 @@ def test_missing_statistics_and_bad_mode_errors():
     ae.align_stats = "running"
     with pytest.raises(ValueError, match=r"align_stats must be one of \('frozen', 'batch'\)"):
         trained_stats(ae).encode(torch.zeros(1, 3, 64, 64))
+    # The "statistics present" check is read once (no host sync per encode), and again after a load.
+    ready = trained_stats(svg.SVGAutoencoder(TINY)).eval()
+    untracked = svg.SVGAutoencoder(TINY).state_dict()
+    with torch.no_grad():
+        ready.encode(torch.zeros(1, 3, 64, 64))
+        ready.load_state_dict(untracked)
+        with pytest.raises(ValueError, match="no frozen Eq"):
+            ready.encode(torch.zeros(1, 3, 64, 64))
 
 
 def test_statistics_travel_with_the_checkpoint_and_older_files_load(tmp_path):
