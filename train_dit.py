@@ -70,11 +70,11 @@ PRESETS = {
     # Table 5 (SVG-XL): 7M steps x 256 = the released 1400-epoch model; official fp32 + TF32.
     "paper": dict(model="SiT-XL", data=None, global_batch=256, lr=1e-4, steps=7_000_000, ema_decay=svg.EMA_DECAY,
                   log_every=100, ckpt_every=50_000, precision="tf32", num_workers=8, out="runs/svg_xl"),
-    # CPU tier, trained from the feature cache (--extract first): a cached step is 47 ms of CPU time at
-    # batch 64, encoding the batch on the fly would add 60 ms (DINO block 0 + F_R at 32 px), so the cache
-    # is the fast path here (~2.3x per step). EMA 0.999 averages the last ~1000 steps; the paper's 0.9999
-    # would leave the EMA 82% at its initialisation after 2000 steps (0.9999^2000).
-    "tiny": dict(model="SiT-tiny", data="synthetic", global_batch=64, lr=1e-3, steps=2000, ema_decay=0.999,
+    # CPU tier, trained from the feature cache (--extract first): encoding each batch on the fly would cost
+    # more than the SiT step. SiT-tiny-wide: the SiT must be at least as wide as the 392 feature channels
+    # (svg.SIT_PRESETS). EMA 0.999 averages the last ~1000 steps; the paper's 0.9999 would leave the EMA 82% at
+    # its initialisation after 2000 steps (0.9999^2000).
+    "tiny": dict(model="SiT-tiny-wide", data="synthetic", global_batch=32, lr=1e-3, steps=2000, ema_decay=0.999,
                  log_every=100, ckpt_every=500, precision="fp32", num_workers=0, out="runs/dit_tiny"),
 }
 

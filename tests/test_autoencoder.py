@@ -34,6 +34,21 @@ def test_decoder_param_count_and_ldm_keys():
     assert dec.state_dict()["conv_in.weight"].shape == (512, 392, 3, 3)
 
 
+def test_decoder_patch_shortcut_maps_each_token_to_its_own_patch():
+    """Tiny tier's decoder_patch_skip: output = LDM decoder + a linear map of token (i, j) to pixels
+    [16i:16i+16, 16j:16j+16] (channel c, row r, column s = output channel c*256 + 16r + s)."""
+    torch.manual_seed(0)
+    dec = svg.Decoder(12, ch=32, ch_mult=(1, 1, 1, 1, 2), num_res_blocks=0, attn_resolutions=(), image_size=32,
+                      patch_skip=True).eval()
+    assert "patch_skip.weight" not in svg.Decoder(12, ch=32, num_res_blocks=0, image_size=32).state_dict()
+    z = torch.randn(2, 12, 2, 3)
+    shortcut = dec(z) - dec.conv_out(dec.trunk(z))  # [2, 3, 32, 48]
+    W, b = dec.patch_skip.weight[:, :, 0, 0], dec.patch_skip.bias  # [768, 12], [768]
+    for i, j in [(0, 0), (1, 2), (0, 1)]:
+        patch = (W @ z[:, :, i, j].T + b[:, None]).T.reshape(2, 3, 16, 16)
+        torch.testing.assert_close(shortcut[:, :, 16 * i:16 * i + 16, 16 * j:16 * j + 16], patch, atol=1e-5, rtol=1e-5)
+
+
 def test_attn_block_equals_explicit_softmax():
     blk = svg.AttnBlock(32).eval()
     x = torch.randn(2, 32, 3, 5)
@@ -167,7 +182,8 @@ def test_presets():
     paper, tiny = svg.AE_PRESETS["paper"], svg.AE_PRESETS["tiny"]
     assert (paper.dino_arch, paper.image_size, paper.mask_prob, paper.align) == ("dinov3_vits16plus", 256, 0.1, "batch")
     assert (paper.residual_depth, paper.residual_width, paper.residual_heads, paper.residual_mlp) == (6, 384, 8, 1536)
-    assert tiny.dino_arch == "dinov3_vits16plus" and (tiny.image_size, tiny.dino_layer) == (32, 0)
+    assert tiny.dino_arch == "dinov3_vits16plus" and (tiny.image_size, tiny.dino_layer) == (64, 0)
+    assert tiny.decoder_patch_skip and not paper.decoder_patch_skip  # the shortcut is the tiny tier's only
     assert svg.AEConfig(**dataclasses.asdict(paper)) == paper
 
 

@@ -24,7 +24,7 @@ AE = ["--preset", "tiny", "--ae-set", "dino_arch=dinov3_tiny", "image_size=64", 
       "decoder_num_res_blocks=0", "residual_depth=1", "residual_width=64", "residual_heads=2", "residual_mlp=64",
       "--num-synthetic", "8", "--num-eval", "2", "--global-batch", "2", "--log-every", "1",
       "--sample-every", "1000", "--eval-every", "1000", "--ckpt-every", "1000"]
-DIT = ["--preset", "tiny", "--global-batch", "4", "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1000"]
+DIT = ["--preset", "tiny", "--model", "SiT-tiny", "--global-batch", "4", "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1000"]
 POS = "residual.encoder.pos_embedding"
 
 
@@ -75,7 +75,7 @@ def test_resampling_keeps_a_smooth_pattern_and_the_class_token(new):
 
 def test_resize_ae_config_keeps_the_architecture():
     """Only the residual position table changes shape; attention stays at the same decoder levels."""
-    for cfg, size in ((svg.AE_PRESETS["paper"], 512), (svg.AE_PRESETS["paper"], 1024), (svg.AE_PRESETS["tiny"], 128)):
+    for cfg, size in ((svg.AE_PRESETS["paper"], 512), (svg.AE_PRESETS["paper"], 1024), (replace(svg.AE_PRESETS["tiny"], decoder_attn_resolutions=(4,)), 128)):
         big = svg.resize_ae_config(cfg, size)
         scale = size // cfg.image_size
         assert big.image_size == size and big.decoder_attn_resolutions[0] == cfg.decoder_attn_resolutions[0] * scale

@@ -1,12 +1,11 @@
 """The tiny tier end to end, shortened: stage 1, feature cache, stage 2, then `eval.py shapes`.
 
-Opt-in (SVG_SLOW_TESTS=1, 83 s on the 2-core CPU at load 1.5): it trains for real and checks that
-the generator learns the classes, i.e. that samples of a requested shape are judged to be that
-shape well above chance (25%) and above the untrained generator. This run is about a third of
-the full tier's length. What holds today is asserted (the judge knows real shapes, the trained
-generator's samples are closer to real ones than the untrained one's); the class-accuracy goal
-is an xfail until it is met: the full tier reaches only 26.8% because stage-1 reconstructions
-are judged right only 28% of the time (README, tiny tier).
+Opt-in (SVG_SLOW_TESTS=1, a few minutes on the 2-core CPU): it trains for real, at about a third
+of the full tier's length. Asserted, because it holds: the judge knows real shapes; stage 1
+draws them (its reconstructions are judged right, thanks to the decoder's patch shortcut); the
+trained generator's samples are closer to real images than the untrained one's (judge FD).
+The class-accuracy goal for samples is an xfail until it is met: the full tier's SiT samples
+are still judged right only at chance (README, tiny tier).
 """
 
 import os
@@ -23,15 +22,16 @@ import train_dit
 def test_shortened_tiny_tier_learns_the_classes(tmp_path):
     ae = train_ae.main(["--preset", "tiny", "--steps", "400", "--ckpt-every", "400", "--out", str(tmp_path / "ae")])
     ae_ckpt = str(tmp_path / "ae" / "checkpoints" / "0000400.pt")
-    assert ae["eval"]["psnr"] > 16
+    assert ae["eval"]["psnr"] > 20
     cache = str(tmp_path / "cache")
     train_dit.main(["--preset", "tiny", "--ae", ae_ckpt, "--extract", "--cache", cache, "--out", str(tmp_path / "dit")])
     train_dit.main(["--preset", "tiny", "--ae", ae_ckpt, "--cache", cache, "--steps", "700", "--out",
                     str(tmp_path / "dit")])
     r = ev.main(["shapes", "--ckpt", str(tmp_path / "dit" / "checkpoints" / "0000700.pt"), "--per-class", "25"])
     assert r["real"]["accuracy"] > 90
+    assert r["reconstruction"]["accuracy"] > 80  # stage 1 draws recognisable shapes (full tier: 95.5%)
     assert r["trained"]["fd"] < r["untrained"]["fd"]  # stage 2 learns the feature distribution
     if r["trained"]["accuracy"] <= 50:
-        pytest.xfail(f"the tiny tier does not yet make recognisable classes ({r['trained']['accuracy']:.1f}%): "
+        pytest.xfail(f"the tiny tier's samples are not yet recognisable ({r['trained']['accuracy']:.1f}%), although "
                      f"stage-1 reconstructions are judged right {r['reconstruction']['accuracy']:.1f}% of the time")
     assert r["trained"]["accuracy"] > r["untrained"]["accuracy"] + 20

@@ -122,7 +122,9 @@ def test_compile_matches_eager(tmp_path, monkeypatch):
 
 
 # Eq. (6) per image, no mask draws, before disc_start: the only per-batch effects are off.
-SPLIT = TINY + ["--ae-set", "align=image", "mask_prob=0", "--steps", "3", "--lr", "1e-3", "--disc-start", "100"]
+# No mask augmentation and no --decoder-noise: their draws depend on how the batch is split.
+SPLIT = TINY + ["--ae-set", "align=image", "mask_prob=0", "--decoder-noise", "0", "--steps", "3", "--lr", "1e-3",
+                "--disc-start", "100"]
 
 
 def assert_same_training(one, two):
@@ -186,3 +188,25 @@ def test_bad_inputs_have_clear_errors(tmp_path, capsys):
         train_ae.ae_config(train_ae.parse_args(["--preset", "tiny", "--ae-set", "bogus=1"]))
     with pytest.raises(FileNotFoundError, match="--resume .*not found"):
         run(tmp_path, "--resume", tmp_path / "missing.pt")
+
+
+def test_decoder_noise_is_per_image_and_training_only():
+    """--decoder-noise TAU: in training the decoder (trunk and patch shortcut) reads z + sigma_i eps with
+    sigma_i = TAU |n_i| one draw per image, after the mask draw; outside training it reads encode(x)."""
+    cfg = train_ae.ae_config(train_ae.parse_args(TINY + ["--ae-set", "decoder_patch_skip=true"]))
+    ae = svg.SVGAutoencoder(cfg)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    model = train_ae.Reconstruct(ae, decoder_noise=0.5)
+    torch.manual_seed(0)
+    h, z = model.train()(x)
+    torch.manual_seed(0)
+    clean = ae.encode(x)  # the same mask draw
+    sigma = 0.5 * torch.randn(3, 1, 1, 1).abs()
+    torch.testing.assert_close(z, clean + sigma * torch.randn_like(clean))
+    torch.testing.assert_close(h, ae.decoder.trunk(z))
+    assert len(set(((z - clean).std((1, 2, 3)) / sigma.flatten()).round(decimals=1).tolist())) == 1  # noise ~ sigma_i
+    h, z = model.eval()(x)
+    torch.testing.assert_close(z, ae.encode(x))
+    assert train_ae.parse_args(["--preset", "tiny"]).decoder_noise == 0.5
+    assert train_ae.PRESETS["paper"]["decoder_noise"] == 0.0  # not in the paper
+

@@ -44,7 +44,7 @@ def few_images(monkeypatch):
 
 
 def args(ae, out, *extra, steps=6):
-    return ["--preset", "tiny", "--ae", ae, "--out", str(out), "--global-batch", "8", "--num-workers", "0",
+    return ["--preset", "tiny", "--model", "SiT-tiny", "--ae", ae, "--out", str(out), "--global-batch", "8", "--num-workers", "0",
             "--steps", str(steps), "--log-every", "2", "--ckpt-every", "3", *extra]
 
 
