@@ -72,7 +72,7 @@ PEAK_TFLOPS = {  # dense (no 2:4 sparsity) per-GPU datasheet peaks; the first ke
 PRESETS = {  # per-device batches: training step, encoder/decoder/Inception throughput, images sampled
     "paper": dict(model="SiT-XL", ae="paper", batch=32, ae_batch=64, ae_train_batch=32, num_samples=64,
                   precision="bf16"),  # stage 1: one of train_ae.py's 2 x 32 micro-batches
-    "tiny": dict(model="SiT-tiny-wide", ae="tiny", batch=32, ae_batch=8, ae_train_batch=8, num_samples=8,
+    "tiny": dict(model="SiT-tiny", ae="tiny", batch=32, ae_batch=8, ae_train_batch=8, num_samples=8,
                  precision="fp32"),  # train_dit.py / train_ae.py --preset tiny's model and batches
 }
 WHAT = ("train", "encode", "decode", "sample", "fid", "ae_step", "peers")

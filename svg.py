@@ -1401,6 +1401,11 @@ class SiTConfig:
     # forward() feeds 1 - t and negates the output, so callers always use Eq. (3)-(4).
     reversed_time: bool = False
     grad_checkpointing: bool = False  # recompute blocks in backward (less memory, ~30% slower)
+    # What the network outputs. "v" (paper): the velocity. "x" (not in the paper; the tiny tier): the clean
+    # features x_0, and forward() returns v = (x_t - x_0) / max(t, X_PRED_T_MIN), Eq. (3)-(4) solved for v, so
+    # the loss, samplers and guidance are unchanged (JiT, Li & He 2025: x_0 lies near a low-dimensional
+    # manifold, v does not, which matters when the width is small next to a token's channels).
+    prediction: str = "v"
 
 
 class SiT(nn.Module):
@@ -1408,6 +1413,9 @@ class SiT(nn.Module):
 
     def __init__(self, cfg: SiTConfig):
         super().__init__()
+        if cfg.prediction not in ("v", "x") or (cfg.prediction == "x" and cfg.reversed_time):
+            raise ValueError(f"SiTConfig.prediction must be 'v' or 'x' ('v' for official reversed-time weights), got "
+                             f"{cfg.prediction!r} with reversed_time={cfg.reversed_time}")
         self.cfg = cfg
         D = cfg.hidden_size
         self.x_embedder = nn.Linear(cfg.in_channels, D)  # replaces the patch embedding (official "ln1")
@@ -1438,7 +1446,7 @@ class SiT(nn.Module):
     def forward(self, x, t, y, drop_labels=None):
         """Velocity v(x_t, t, y) of Eq. (4). x [B,C,h,w], t [B] in [0,1], y [B] long -> [B,C,h,w]."""
         B, C, h, w = x.shape  # batch, feature channels, grid
-        cfg = self.cfg
+        cfg, x_t, t_in = self.cfg, x, t
         if (C, h, w) != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(
                 f"SiT expects features [B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}], got "
@@ -1454,13 +1462,18 @@ class SiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-        v = self.final_layer(x, c).transpose(1, 2).reshape(B, C, h, w)  # [B, N, C] -> [B, C, h, w]
-        return -v if cfg.reversed_time else v
+        out = self.final_layer(x, c).transpose(1, 2).reshape(B, C, h, w)  # [B, N, C] -> [B, C, h, w]
+        if cfg.prediction == "x":  # out is x_0: v = eps - x_0 = (x_t - x_0) / t by Eq. (3)
+            return (x_t - out.to(x_t.dtype)) / t_in.clamp(min=X_PRED_T_MIN).view(B, 1, 1, 1).to(x_t.dtype)
+        return -out if cfg.reversed_time else out
 
 
 # ----------------------------------------------------------------------------------
 # Flow matching (Eq. 3-5) and feature normalisation
 # ----------------------------------------------------------------------------------
+X_PRED_T_MIN = 0.05  # prediction "x": v = (x_t - x_0) / t with t clipped here (JiT's 0.05)
+
+
 def time_shift(t, a):
     """SD3-style time shift t' = a t / (1 + (a - 1) t); a > 1 moves mass toward noise (t = 1).
 
@@ -1785,11 +1798,7 @@ SIT_PRESETS = {  # Table 5 (S from the official research configs); in_channels /
     "SiT-B": SiTConfig(hidden_size=768, depth=12, num_heads=12),
     "SiT-L": SiTConfig(hidden_size=1024, depth=24, num_heads=16),
     "SiT-XL": SiTConfig(hidden_size=1152, depth=28, num_heads=16),
-    "SiT-tiny": SiTConfig(hidden_size=128, depth=4, num_heads=4),  # CPU tests
-    # The tiny pipeline: SiT-S's width on 2 blocks. The width must be at least the feature channels: the target
-    # v = eps - x_0 has full rank in all 392 channels of a token, and the final Linear maps the hidden width to
-    # them (RAE, Zheng et al. 2025, Sec. 4). SiT-tiny (128 wide) stalls at loss 1.16 on the tiny tier's features.
-    "SiT-tiny-wide": SiTConfig(hidden_size=384, depth=2, num_heads=6),
+    "SiT-tiny": SiTConfig(hidden_size=128, depth=4, num_heads=4),  # CPU tests and the tiny pipeline
 }
 
 

@@ -24,7 +24,8 @@ AE = ["--preset", "tiny", "--ae-set", "dino_arch=dinov3_tiny", "image_size=64", 
       "decoder_num_res_blocks=0", "residual_depth=1", "residual_width=64", "residual_heads=2", "residual_mlp=64",
       "--num-synthetic", "8", "--num-eval", "2", "--global-batch", "2", "--log-every", "1",
       "--sample-every", "1000", "--eval-every", "1000", "--ckpt-every", "1000"]
-DIT = ["--preset", "tiny", "--model", "SiT-tiny", "--global-batch", "4", "--num-workers", "0", "--log-every", "1", "--ckpt-every", "1000"]
+DIT = ["--preset", "tiny", "--model", "SiT-tiny", "--prediction", "v", "--global-batch", "4", "--num-workers", "0",
+       "--log-every", "1", "--ckpt-every", "1000"]
 POS = "residual.encoder.pos_embedding"
 
 

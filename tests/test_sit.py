@@ -180,6 +180,27 @@ def test_flow_matching_loss_on_analytic_cases():
     torch.testing.assert_close(ident, (((1 - tt) * x0 + tt * eps - (eps - x0)) ** 2).mean())
 
 
+def test_x_prediction_returns_the_velocity_of_its_x0():
+    """prediction "x" (JiT): the network's output is read as x_0 and turned into v = (x_t - x_0) / max(t, 0.05)."""
+    torch.manual_seed(0)
+    v_model = randomize(small_model()).eval()
+    x_model = small_model(prediction="x").eval()
+    x_model.load_state_dict(v_model.state_dict())
+    x_t, t, y = torch.randn(3, 12, 4, 4), torch.tensor([0.01, 0.3, 0.9]), torch.tensor([1, 2, 3])
+    x0_hat = v_model(x_t, t, y)  # the same network's raw output
+    torch.testing.assert_close(x_model(x_t, t, y), (x_t - x0_hat) / torch.tensor([0.05, 0.3, 0.9]).view(3, 1, 1, 1))
+    # Analytic: a fresh x-model outputs x_0 = 0 (zero output layer), so on data x_0 = 0 its velocity
+    # x_t / t = eps is exact for t >= 0.05 and the loss vanishes; a fresh v-model (v = 0) scores E eps^2.
+    x0, eps, tt = torch.zeros(4, 12, 4, 4), torch.randn(4, 12, 4, 4), torch.tensor([0.05, 0.2, 0.7, 1.0])
+    yy = torch.zeros(4, dtype=torch.long)
+    assert svg.flow_matching_loss(small_model(prediction="x"), x0, yy, t=tt, eps=eps).item() < 1e-10
+    torch.testing.assert_close(svg.flow_matching_loss(small_model(), x0, yy, t=tt, eps=eps), (eps**2).mean())
+    with pytest.raises(ValueError, match="prediction must be 'v' or 'x'"):
+        small_model(prediction="eps")
+    with pytest.raises(ValueError, match="official reversed-time"):
+        small_model(prediction="x", reversed_time=True)
+
+
 def test_linear_model_reaches_the_known_optimum():
     """For x0 = mu (a point mass) the optimal v is (x_t - mu) / t; a per-time linear model with
     that form, fit by SGD on the loss, recovers mu."""

@@ -44,8 +44,10 @@ def few_images(monkeypatch):
 
 
 def args(ae, out, *extra, steps=6):
-    return ["--preset", "tiny", "--model", "SiT-tiny", "--ae", ae, "--out", str(out), "--global-batch", "8", "--num-workers", "0",
-            "--steps", str(steps), "--log-every", "2", "--ckpt-every", "3", *extra]
+    """A small v-predicting SiT (the paper's parametrisation) on the tiny preset's other settings."""
+    return ["--preset", "tiny", "--model", "SiT-tiny", "--prediction", "v", "--ae", ae, "--out", str(out),
+            "--global-batch", "8", "--num-workers", "0", "--steps", str(steps), "--log-every", "2", "--ckpt-every", "3",
+            *extra]
 
 
 def load(path):
@@ -239,3 +241,15 @@ def test_init_from_inside_its_own_out_is_refused(tmp_path, capsys):
         train_dit.parse_args(["--preset", "tiny", "--ae", "ae.pt", "--out", str(tmp_path),
                               "--init-from", str(tmp_path / "checkpoints" / "0000300.pt")])
     assert "lies inside --out" in capsys.readouterr().err
+
+
+def test_prediction_x_is_recorded_and_restored(ae_path, tmp_path, few_images):
+    train_dit.main(args(ae_path, tmp_path, steps=2) + ["--prediction", "x"])
+    path = str(tmp_path / "checkpoints" / "0000002.pt")
+    assert load(path)["sit_config"]["prediction"] == "x"
+    model, _, _ = svg.load_generator(path)
+    assert model.cfg.prediction == "x"
+    with pytest.raises(ValueError, match="sit_config"):  # a resume cannot change what the SiT outputs
+        train_dit.main(args(ae_path, tmp_path, "--resume", path, steps=3))
+    assert train_dit.PRESETS["paper"]["prediction"] == "v" and train_dit.PRESETS["tiny"]["prediction"] == "x"
+
