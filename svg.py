@@ -47,6 +47,7 @@ import pickle
 import random
 import re
 import socket
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -121,6 +122,13 @@ TRUST_PICKLE_HELP = ("load --ae / --ckpt / --resume files with the full unpickle
                      "machine; use only for files from a source you trust")
 
 
+# What torch.load raises on a cut or damaged file: a zip without its directory (RuntimeError), a read past the
+# end (OSError EINVAL), or a pickle cut mid-stream (EOFError, KeyError from a missing memo entry, IndexError,
+# struct.error, ...), depending on where the cut falls.
+UNREADABLE_FILE_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError,
+                          KeyError, IndexError, TypeError, AttributeError, struct.error, OverflowError)
+
+
 def load_checkpoint(path, what="checkpoint", trust_pickle=False):
     """torch.load onto the CPU with weights_only=True: tensors, numbers, strings and containers only,
     so a crafted file cannot run code. Every file of this project loads so, and so do the official
@@ -133,7 +141,7 @@ def load_checkpoint(path, what="checkpoint", trust_pickle=False):
         raise FileNotFoundError(f"{what} {path!r} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    except UNREADABLE_FILE_ERRORS as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found:
             names = found.group(1)

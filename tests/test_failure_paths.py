@@ -373,6 +373,30 @@ def test_unreadable_weight_files_are_named_and_resume_auto_falls_back(ae_path, t
     torch.load(latest, weights_only=True)  # rewritten whole
 
 
+def test_a_checkpoint_cut_anywhere_is_named_not_a_raw_error(tmp_path):
+    """Where the cut falls decides what torch.load raises (RuntimeError, OSError, EOFError, or a KeyError from
+    a pickle memo, as CI once saw for a stage-2 checkpoint cut at 1000 bytes); all of them must name the file."""
+    torch.manual_seed(0)
+    path = tmp_path / "whole.pt"
+    torch.save({"args": {f"flag_{i}": f"value {i} " * (i % 7) for i in range(80)}, "step": 6,
+                "ema": {f"blocks.{i}.weight": torch.randn(8, 8) for i in range(12)}, "rng": [torch.get_rng_state()]},
+               path)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for n in range(1, len(data), 11):
+        cut.write_bytes(data[:n])
+        with pytest.raises(ValueError, match=r"cannot read checkpoint '.*cut.pt': truncated, corrupt"):
+            svg.load_checkpoint(cut)
+    damaged = bytearray(data)
+    for i in range(len(data) // 3, len(data), 101):  # bytes flipped inside the pickle and the tensor records
+        damaged[i] ^= 0xFF
+    cut.write_bytes(bytes(damaged))
+    try:
+        svg.load_checkpoint(cut)  # a flip may land in tensor bytes only: the file still parses
+    except ValueError as e:
+        assert "cut.pt" in str(e)
+
+
 def test_empty_class_folders_and_skipped_images_are_reported(ae_path, tmp_path):
     (tmp_path / "data" / "empty").mkdir(parents=True)
     write_pngs(tmp_path / "data" / "a", np.zeros((2, 32, 32, 3), np.uint8))
