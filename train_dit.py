@@ -442,7 +442,7 @@ def main(argv=None):
     elif ckpt is None:
         svg.update_ema(ema, raw, decay=0)  # EMA starts as an exact copy
     else:
-        if ckpt["sit_config"] != asdict(cfg):
+        if asdict(svg.SiTConfig(**ckpt["sit_config"])) != asdict(cfg):  # older files: defaults for newer fields
             raise ValueError(f"{resume} has sit_config {ckpt['sit_config']}, this run builds {asdict(cfg)}")
         if any(k in ckpt["ae"] and not torch.equal(v, ckpt["ae"][k]) for k, v in ae_state.items()):  # older: no align_*
             raise ValueError(f"{resume} was trained on features of a different autoencoder than --ae {args.ae}")

@@ -223,10 +223,11 @@ def test_resume_keeps_the_eq6_mode_and_reads_older_checkpoints(ae_path, tmp_path
     train_dit.main(args(ae_path, tmp_path, steps=3))
     with pytest.raises(ValueError, match="--align-stats frozen"):
         train_dit.main(args(ae_path, tmp_path, "--resume", "auto", "--align-stats", "batch"))
-    # A checkpoint written before the running Eq. (6) statistics existed (no align_* keys) resumes.
+    # A checkpoint written before the running Eq. (6) statistics and SiTConfig.prediction existed (no
+    # align_* keys, no "prediction": it predicted v) resumes.
     ckpt = load(tmp_path / "checkpoints" / "0000003.pt")
     ckpt["ae"] = {k: v for k, v in ckpt["ae"].items() if not k.startswith("align_")}
-    del ckpt["align_stats"]
+    del ckpt["align_stats"], ckpt["sit_config"]["prediction"]
     ckpt_path = tmp_path / "older.pt"
     torch.save(ckpt, ckpt_path)
     with pytest.raises(ValueError, match="--align-stats batch"):  # older files encoded per batch
