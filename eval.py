@@ -1301,7 +1301,7 @@ def single_process(command, dist):
 def run_pca(args, dist):
     """Fig. 11-12 (App. G): PCA feature maps of the chosen spaces of a stage-1 autoencoder, as one PNG."""
     single_process("pca", dist)
-    ae = svg.load_autoencoder(args.ae).to(dist.device)
+    ae = svg.load_autoencoder(args.ae, trust_pickle=args.trust_pickle).to(dist.device)
     ae.align_stats = args.align_stats
     image_size = args.image_size or ae.cfg.image_size
     dataset = spread_subset(svg.build_dataset(args.data, image_size, on_error="raise"), args.num_images)
@@ -1317,7 +1317,8 @@ def run_pca(args, dist):
 def run_pca_sit(args, dist):
     """Fig. 11-12 (App. G): PCA of a SiT block's hidden states at several t along an Euler sampling trajectory."""
     single_process("pca-sit", dist)
-    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats)  # EMA SiT, frozen
+    model, stats, ae = svg.load_generator(args.ckpt, ae=args.ae, stats=args.stats,
+                                         trust_pickle=args.trust_pickle)  # EMA SiT, frozen
     model, ae = model.to(dist.device), ae.to(dist.device)
     cfg, depth = model.cfg, len(model.blocks)
     block = depth // 2 if args.block is None else args.block
@@ -1353,7 +1354,7 @@ def run_tsne(args, dist):
         raise ValueError(f"--probe needs one json per --ae: got {len(probe_files)} for {len(args.ae)}")
     panels, titles, labels = [], set(), None
     for path, probe_file in zip(args.ae, probe_files):
-        ae = svg.load_autoencoder(path).to(dist.device)
+        ae = svg.load_autoencoder(path, trust_pickle=args.trust_pickle).to(dist.device)
         ae.align_stats = args.align_stats
         image_size = args.image_size or ae.cfg.image_size
         dataset = svg.build_dataset(args.data, image_size, on_error="raise")  # as `eval.py probe`
@@ -1410,7 +1411,7 @@ def run_sweep(args, dist):
     out = args.out or args.ckpt + ".sweep"
     if len(args.cfg_scales) > 1:
         pyplot()  # fail before sampling, not after (on every rank: none starts alone)
-    gen = sample.load_gen(args.ckpt, args.ae, args.stats, dist.device)
+    gen = sample.load_gen(args.ckpt, args.ae, args.stats, dist.device, args.trust_pickle)
     inception = load_inception(args.inception).to(dist.device)
     ref = reference_statistics(args.ref, inception, dist, args.batch_size, args.num_workers, need_features=False)
     method, params = model_name(gen.model)
@@ -1493,7 +1494,7 @@ def run_shapes(args, dist):
     """
     if dist.world_size > 1:
         raise ValueError("`eval.py shapes` runs on one process: python eval.py shapes ...")
-    ckpt = svg.load_checkpoint(args.ckpt, "--ckpt")  # weights only: a train_dit.py file
+    ckpt = svg.load_checkpoint(args.ckpt, "--ckpt", args.trust_pickle)  # weights only unless trusted
     if not (isinstance(ckpt, dict) and "sit_config" in ckpt):
         raise ValueError(f"{args.ckpt} is not a train_dit.py checkpoint: `shapes` scores generators trained on the "
                          "built-in synthetic shapes (train_dit.py --preset tiny)")
@@ -1501,7 +1502,7 @@ def run_shapes(args, dist):
     if data not in (None, "synthetic"):
         raise ValueError(f"{args.ckpt} was trained on --data {data!r}: `shapes` scores generators trained on the "
                          "synthetic shapes only (use `eval.py fid` for image folders)")
-    gen = sample.load_gen(args.ckpt, None, None, dist.device)  # EMA SiT, frozen, on the device
+    gen = sample.load_gen(args.ckpt, None, None, dist.device, args.trust_pickle)  # EMA SiT, frozen, on the device
     model, ae = gen.model, gen.ae
     K, size, device = model.cfg.num_classes, ae.cfg.image_size, dist.device
     if K > len(svg.SYNTHETIC_SHAPES):
@@ -1564,6 +1565,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="SVG evaluation: gFID/IS/precision/recall, reconstruction, probe")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def trusting(p):  # every command that reads --ae / --ckpt: a refused file's error names this flag
+        p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
+        return p
+
     def common(p):
         p.add_argument("--out", default=None, help="json file for the results (default: next to the input)")
         p.add_argument("--num-workers", type=int, default=4)
@@ -1578,7 +1583,7 @@ def main(argv=None):
 
     p = common(sub.add_parser("recon", help="rFID, PSNR, SSIM, LPIPS of a stage-1 autoencoder"))
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
-    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
+    trusting(p)
     p.add_argument("--data", required=True, help="validation image folder (ImageNet val), or 'synthetic'")
     p.add_argument("--inception", required=True, help=f"path to {INCEPTION_FILE}")
     p.add_argument("--lpips-vgg", required=True, help="VGG16 trunk weights for LPIPS")
@@ -1592,7 +1597,7 @@ def main(argv=None):
 
     p = common(sub.add_parser("probe", help="linear probe top-1/top-5, DINO-only vs SVG features (Table 4)"))
     p.add_argument("--ae", required=True, help="stage-1 checkpoint (train_ae.py) or official .ckpt")
-    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
+    trusting(p)
     p.add_argument("--data", required=True, help="labelled training folder (class subfolders), or 'synthetic'")
     p.add_argument("--val-data", default=None, help="held-out folder (default: hold out --holdout of --data)")
     p.add_argument("--holdout", type=float, default=0.2, help="fraction of --data held out without --val-data")
@@ -1607,7 +1612,7 @@ def main(argv=None):
     p = common(sub.add_parser("calibrate", help="frozen Eq. (6) statistics for an autoencoder without them "
                                                 "(the official .ckpt), written to a new stage-1 checkpoint"))
     p.add_argument("--ae", required=True, help="official SVG autoencoder .ckpt or train_ae.py checkpoint")
-    p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
+    trusting(p)
     p.add_argument("--data", required=True, help="training images (ImageNet train), or 'synthetic'")
     p.add_argument("--num-images", type=int, default=svg.CALIBRATION_IMAGES, help="fixed seeded sample of --data")
     p.add_argument("--batch-size", type=int, default=None,
@@ -1625,6 +1630,7 @@ def main(argv=None):
                    help="columns after the image: SVG (392 ch), DINO-only (384), residual-only (8)")
     p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's image_size")
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
+    trusting(p)
 
     p = sub.add_parser("pca-sit", help="Fig. 11-12 (App. G): PCA of SiT hidden states along sampling")
     p.add_argument("--out", default=None, help="output PNG (default: CKPT.pca-sit.png)")
@@ -1640,6 +1646,7 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, default=1.0, help="guidance w (the conditional half is shown)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32")
+    trusting(p)
 
     p = sub.add_parser("tsne", help="Fig. 4a / 10 (App. E): t-SNE of pooled features, titled with probe top-1")
     p.add_argument("--out", default=None, help="output PNG (default: first AE.tsne.png); titles and top-1 in .json")
@@ -1660,6 +1667,7 @@ def main(argv=None):
     p.add_argument("--feature-batch-size", type=int, default=64, help="images per encoder batch per rank")
     p.add_argument("--precision", choices=svg.PRECISIONS, default="fp32", help="autoencoder precision")
     p.add_argument("--seed", type=int, default=0)
+    trusting(p)
 
     p = sub.add_parser("sweep", help="Table 2 / Fig. 13: FID / IS of a checkpoint over step counts and "
                                      "guidance scales (one reference pass), table + PNG")
@@ -1683,6 +1691,7 @@ def main(argv=None):
                         "export's defaults: shift 1/0.15, Euler, balanced labels, seed 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per Inception batch per rank")
     p.add_argument("--fid-method", choices=["eigh", "sqrtm"], default="eigh")
+    trusting(p)
 
     p = sub.add_parser("curves", help="Fig. 14: training loss and online FID against the step (PNG)")
     p.add_argument("runs", nargs="+", help="train_dit.py output folders (or their metrics.jsonl)")
@@ -1698,6 +1707,7 @@ def main(argv=None):
     p.add_argument("--judge-images", type=int, default=2048, help="synthetic images the judge CNN is trained on")
     p.add_argument("--judge-epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="judge init / batch order and sample noise")
+    trusting(p)
 
     p = sub.add_parser("bench-fid", help="time the FID statistics and matrix square root on random features")
     p.add_argument("--num", type=int, default=50000, help="feature vectors per set")

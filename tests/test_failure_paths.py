@@ -3,8 +3,10 @@ weight file, no run silently overwrites another's output, no hang, every bad inp
 
 Each test here failed before the fix (starting commit a2cd1bf) and passes after it."""
 
+import fractions
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -118,6 +120,53 @@ def test_loading_a_crafted_pickle_runs_no_code(ae_path, tmp_path, monkeypatch):
         svg.load_autoencoder(str(evil), trust_pickle=True)
     assert marker.exists()
     assert "arbitrary code" in svg.TRUST_PICKLE_HELP
+
+
+def with_benign_global(path, out, **entries):
+    """A copy of a checkpoint (entries set) with one harmless non-tensor object, a Fraction, that a
+    weights-only load refuses."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.update(entries, note=fractions.Fraction(1, 3))
+    torch.save(ckpt, out)
+    return str(out)
+
+
+def help_text(main, argv, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return capsys.readouterr().out
+
+
+def test_every_command_whose_refusal_names_trust_pickle_accepts_it(ae_path, tmp_path, monkeypatch, capsys):
+    # A refused file says "pass --trust-pickle"; every command that loads --ae / --ckpt must then take it
+    # (pca, pca-sit, tsne, sweep and shapes did not: argparse stopped at an unknown flag).
+    commands = [(train_ae.main, []), (train_dit.main, [])]
+    for main in (ev.main, sample.main):
+        names = re.search(r"\{([\w,-]+)\}", help_text(main, [], capsys)).group(1).split(",")
+        commands += [(main, [name]) for name in names]
+    missing = [f"{main.__module__} {' '.join(argv)}" for main, argv in commands
+               if re.search(r"--(ae|ckpt|resume|init-from)\b", text := help_text(main, argv, capsys))
+               and "--trust-pickle" not in text]
+    assert len(commands) > 15 and missing == []
+    # And the flag reaches the loader: the same file is refused without it and read with it.
+    ae = with_benign_global(ae_path, tmp_path / "ae.pt")
+    gen = with_benign_global(tiny_stage2_checkpoint(tmp_path / "g0.pt"), tmp_path / "g.pt",
+                             args={"data": "synthetic", "seed": 0})  # "trained on the shapes", as `shapes` needs
+    runs = {"pca": ["--ae", ae, "--data", "synthetic", "--num-images", "2", "--out", str(tmp_path / "p.png")],
+            "pca-sit": ["--ckpt", gen, "--classes", "1", "--steps", "2", "--times", "0.5",
+                        "--out", str(tmp_path / "s.png")],
+            "shapes": ["--ckpt", gen]}
+    for sub, flags in runs.items():
+        monkeypatch.setattr("sys.argv", ["eval.py", sub, *flags])
+        with pytest.raises(ValueError, match=r"fractions.Fraction.*--trust-pickle"):
+            ev.main()
+        monkeypatch.setattr("sys.argv", ["eval.py", sub, *flags, "--trust-pickle"])
+        if sub == "shapes":  # both of its loads pass; this 10-class test generator is then refused
+            with pytest.raises(ValueError, match="has 10 classes; the synthetic set has 8"):
+                ev.main()
+        else:
+            ev.main()
+    assert (tmp_path / "p.png").exists() and (tmp_path / "s.png").exists()
 
 
 # ---------------------------------------------------------------- 3: no hang
