@@ -1567,7 +1567,6 @@ def main(argv=None):
 
     def trusting(p):  # every command that reads --ae / --ckpt: a refused file's error names this flag
         p.add_argument("--trust-pickle", action="store_true", help=svg.TRUST_PICKLE_HELP)
-        return p
 
     def common(p):
         p.add_argument("--out", default=None, help="json file for the results (default: next to the input)")
