@@ -417,7 +417,8 @@ def main(argv=None):
                 if k not in free and getattr(cfg, k) != v]
         if diff:
             raise ValueError(f"--init-from {args.init_from} does not fit this run ({'; '.join(diff)}): pass the same "
-                             "--model and --prediction, an --ae with the same feature channels and data with the same classes")
+                             "--model and --prediction, an --ae with the same feature channels and data with the same "
+                             "classes")
     with torch.random.fork_rng(devices=[]):  # init depends on --seed only, not on the world size
         torch.manual_seed(args.seed)
         raw = svg.SiT(cfg).to(device)

@@ -76,7 +76,8 @@ def test_resampling_keeps_a_smooth_pattern_and_the_class_token(new):
 
 def test_resize_ae_config_keeps_the_architecture():
     """Only the residual position table changes shape; attention stays at the same decoder levels."""
-    for cfg, size in ((svg.AE_PRESETS["paper"], 512), (svg.AE_PRESETS["paper"], 1024), (replace(svg.AE_PRESETS["tiny"], decoder_attn_resolutions=(4,)), 128)):
+    tiny = replace(svg.AE_PRESETS["tiny"], decoder_attn_resolutions=(4,))  # the tiny preset has no attention
+    for cfg, size in ((svg.AE_PRESETS["paper"], 512), (svg.AE_PRESETS["paper"], 1024), (tiny, 128)):
         big = svg.resize_ae_config(cfg, size)
         scale = size // cfg.image_size
         assert big.image_size == size and big.decoder_attn_resolutions[0] == cfg.decoder_attn_resolutions[0] * scale

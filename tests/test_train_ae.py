@@ -209,4 +209,3 @@ def test_decoder_noise_is_per_image_and_training_only():
     torch.testing.assert_close(z, ae.encode(x))
     assert train_ae.parse_args(["--preset", "tiny"]).decoder_noise == 0.5
     assert train_ae.PRESETS["paper"]["decoder_noise"] == 0.0  # not in the paper
-

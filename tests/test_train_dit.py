@@ -253,4 +253,3 @@ def test_prediction_x_is_recorded_and_restored(ae_path, tmp_path, few_images):
     with pytest.raises(ValueError, match="sit_config"):  # a resume cannot change what the SiT outputs
         train_dit.main(args(ae_path, tmp_path, "--resume", path, steps=3))
     assert train_dit.PRESETS["paper"]["prediction"] == "v" and train_dit.PRESETS["tiny"]["prediction"] == "x"
-
