@@ -12,8 +12,8 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae ae.pt --extract --cache /cache/in256
     torchrun --nproc_per_node=8 train_dit.py --preset paper --cache /cache/in256 --ae ae.pt --out runs/svg_xl
     # CPU, minutes: synthetic images and a tiny stage-1 checkpoint, from the cache (the fast path here)
-    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0002400.pt --extract --cache runs/cache-tiny
-    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0002400.pt --cache runs/cache-tiny
+    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0001200.pt --extract --cache runs/cache-tiny
+    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0001200.pt --cache runs/cache-tiny
     # App. H: a new run at 512 px (25 epochs) from the 256 px weights, on the 512 px autoencoder
     torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae runs/ae-512/ae.pt \
         --init-from runs/svg_xl/checkpoints/1501367.pt --out runs/svg_xl_512 --steps 125114
