@@ -13,7 +13,7 @@
     python eval.py curves runs/svg_xl                                                        # Fig. 14
     torchrun --nproc_per_node=8 eval.py calibrate --ae epoch=000040.ckpt --data /imagenet/train --out ae_cal.pt
     python eval.py bench-fid
-    python eval.py shapes --ckpt runs/dit_tiny/checkpoints/0004000.pt    # the tiny tier's number
+    python eval.py shapes --ckpt runs/dit_tiny/checkpoints/0006000.pt    # the tiny tier's number
 
 Sections, top to bottom: the FID InceptionV3 -> image sources -> DDP-aware feature
 extraction -> metrics (Frechet distance, Inception Score, precision/recall, PSNR, SSIM)

@@ -97,6 +97,11 @@ def test_synthetic_images_deterministic_and_labelled():
     x, y = ds[5]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
     assert x.min() >= -1 and x.max() <= 1
+    colours = torch.tensor(svg.SYNTHETIC_COLOURS)  # a shape in one colour on a plain background
+    for k in range(4):
+        pixels = ds[k][0].flatten(1).T  # [S*S, 3]
+        which = (pixels[:, None] == colours[None]).all(-1)  # [S*S, 2]
+        assert which.any(1).all() and 0.05 < which[:, 1].float().mean() < 0.8, svg.SYNTHETIC_SHAPES[k]
     assert torch.equal(ds[5][0], svg.SyntheticImages(12, 32, 4, seed=0)[5][0])
     assert not torch.equal(x, svg.SyntheticImages(12, 32, 4, seed=1)[5][0])
     assert [ds[i][1] for i in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]

@@ -180,6 +180,24 @@ def test_flow_matching_loss_on_analytic_cases():
     torch.testing.assert_close(ident, (((1 - tt) * x0 + tt * eps - (eps - x0)) ** 2).mean())
 
 
+def test_x0_loss_weight_is_the_x0_error_over_1_plus_t_squared():
+    """weight "x0": lambda(t) = t^2 / (1 + t^2) on the velocity error, i.e. the x_0 error / (1 + t^2)."""
+    x0, y = torch.randn(4, 3, 2, 2), torch.zeros(4, dtype=torch.long)
+    eps, t = torch.randn(4, 3, 2, 2), torch.tensor([0.05, 0.3, 0.6, 1.0])
+    x0_hat = torch.randn(4, 3, 2, 2)  # a fixed wrong guess, read through Eq. (3) as a velocity
+
+    def guess(x_t, tt, yy):
+        return (x_t - x0_hat) / tt.view(-1, 1, 1, 1)
+
+    tt = t.view(-1, 1, 1, 1)
+    err = (x0_hat - x0) ** 2
+    torch.testing.assert_close(svg.flow_matching_loss(guess, x0, y, t=t, eps=eps, weight="x0"),
+                               (err / (1 + tt**2)).mean())
+    torch.testing.assert_close(svg.flow_matching_loss(guess, x0, y, t=t, eps=eps), (err / tt**2).mean())
+    with pytest.raises(ValueError, match="loss weight must be one of"):
+        svg.flow_matching_loss(guess, x0, y, t=t, eps=eps, weight="snr")
+
+
 def test_x_prediction_returns_the_velocity_of_its_x0():
     """prediction "x" (JiT): the network's output is read as x_0 and turned into v = (x_t - x_0) / max(t, 0.05)."""
     torch.manual_seed(0)

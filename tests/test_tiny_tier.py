@@ -2,11 +2,10 @@
 cache, stage 2, then `eval.py shapes`).
 
 The end-to-end test is opt-in (SVG_SLOW_TESTS=1, a few minutes on the 2-core CPU): it trains for
-real, at about a third of the full tier's length. Asserted, because it holds: the judge knows real
-shapes; stage 1 draws them (its reconstructions are judged right, thanks to the decoder's patch
-shortcut); the trained generator's samples are closer to real images than the untrained one's
-(judge FD). The class-accuracy goal for samples is an xfail until it is met: the full tier's
-samples are judged right 48.8% of the time, and discs and triangles come out as 4x4 blocks
+real, at about a third of the full tier's stage 1 and half its stage 2. Asserted: the judge knows
+real shapes; stage 1 draws them (its reconstructions are judged right, thanks to the decoder's
+patch shortcut); and the trained generator's samples are the requested class far more often than
+the untrained one's, and closer to real images (judge FD). The full tier reaches the issue's 90%
 (README, tiny tier).
 """
 
@@ -31,16 +30,13 @@ def test_shortened_tiny_tier_learns_the_classes(tmp_path):
     assert ae["eval"]["psnr"] > 20
     cache = str(tmp_path / "cache")
     train_dit.main(["--preset", "tiny", "--ae", ae_ckpt, "--extract", "--cache", cache, "--out", str(tmp_path / "dit")])
-    train_dit.main(["--preset", "tiny", "--ae", ae_ckpt, "--cache", cache, "--steps", "700", "--out",
+    train_dit.main(["--preset", "tiny", "--ae", ae_ckpt, "--cache", cache, "--steps", "2000", "--out",
                     str(tmp_path / "dit")])
-    r = ev.main(["shapes", "--ckpt", str(tmp_path / "dit" / "checkpoints" / "0000700.pt"), "--per-class", "25"])
+    r = ev.main(["shapes", "--ckpt", str(tmp_path / "dit" / "checkpoints" / "0002000.pt"), "--per-class", "25"])
     assert r["real"]["accuracy"] > 90
-    assert r["reconstruction"]["accuracy"] > 80  # stage 1 draws recognisable shapes (full tier: 95.5%)
+    assert r["reconstruction"]["accuracy"] > 80  # stage 1 draws recognisable shapes
     assert r["trained"]["fd"] < r["untrained"]["fd"]  # stage 2 learns the feature distribution
-    if r["trained"]["accuracy"] <= 50:
-        pytest.xfail(f"the tiny tier's samples are not yet recognisable ({r['trained']['accuracy']:.1f}%), although "
-                     f"stage-1 reconstructions are judged right {r['reconstruction']['accuracy']:.1f}% of the time")
-    assert r["trained"]["accuracy"] > r["untrained"]["accuracy"] + 20
+    assert r["trained"]["accuracy"] > r["untrained"]["accuracy"] + 35  # and the classes: chance is 25%
 
 
 def test_documented_tiny_commands_name_the_checkpoints_the_presets_write():

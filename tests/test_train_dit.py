@@ -78,6 +78,22 @@ def test_one_step_updates_the_model_and_the_ema_exactly(ae_path, tmp_path, few_i
     assert torch.equal(stats["mean"], ckpt["feature_stats"]["mean"]) and stats["std"].shape == (136,)
 
 
+def test_loss_weight_and_time_shift_reach_the_loss(ae_path, tmp_path, few_images, monkeypatch):
+    seen, loss = [], svg.flow_matching_loss
+
+    def spy(*a, **k):
+        seen.append((k["t"], k["weight"]))
+        return loss(*a, **k)
+
+    monkeypatch.setattr(svg, "flow_matching_loss", spy)
+    train_dit.main(args(ae_path, tmp_path, "--loss-weight", "velocity", "--time-shift", "1.5", steps=1))
+    t, _, _ = train_dit.step_noise(torch.Generator(), 0, 0, 8, torch.arange(8), (136, 2, 2), 1.5, 0.1)
+    assert seen[0][1] == "velocity"
+    torch.testing.assert_close(seen[0][0], t)
+    assert train_dit.parse_args(["--preset", "tiny", "--ae", "a"]).loss_weight == "x0"
+    assert train_dit.parse_args(["--ae", "a", "--data", "d"]).time_shift == svg.TRAIN_TIME_SHIFT  # paper
+
+
 def test_tiny_training_loss_falls(ae_path, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(train_dit.SYNTHETIC_DATA, "num_images", 8)
     train_dit.main(args(ae_path, tmp_path, "--lr", "2e-3", "--log-every", "20", "--ckpt-every", "1000", steps=80))
