@@ -78,7 +78,9 @@ PRESETS = {
     # AE_PRESETS["tiny"] (64 px) on the built-in synthetic shapes. No PatchGAN (disc_start = steps):
     # D's passes would cost ~60% more per iteration. decoder_noise: the decoder also has to read
     # the generator's features, which are off by more than a VAE-style decoder tolerates (README).
-    "tiny": dict(data="synthetic", global_batch=8, grad_accum=1, steps=1200, lr=1e-3, disc_start=1200,
+    # 600 iterations: with 1200 the tier took 2 min more and came out no better (held-out PSNR 24.2 dB
+    # against 25.1, the SiT's samples judged right 96.0% against 99.8%; README, tiny tier).
+    "tiny": dict(data="synthetic", global_batch=8, grad_accum=1, steps=600, lr=1e-3, disc_start=600,
                  crop="center", num_synthetic=2048, num_workers=0, num_eval=16, log_every=100,
                  sample_every=300, eval_every=300, ckpt_every=600, lpips_dropout=False, dino_rope_aug=False,
                  decoder_noise=0.5),

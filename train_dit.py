@@ -12,8 +12,8 @@ or from a cache written once with --extract.
     torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae ae.pt --extract --cache /cache/in256
     torchrun --nproc_per_node=8 train_dit.py --preset paper --cache /cache/in256 --ae ae.pt --out runs/svg_xl
     # CPU, minutes: synthetic images and a tiny stage-1 checkpoint, from the cache (the fast path here)
-    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0001200.pt --extract --cache runs/cache-tiny
-    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0001200.pt --cache runs/cache-tiny
+    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0000600.pt --extract --cache runs/cache-tiny
+    python train_dit.py --preset tiny --ae runs/ae-tiny/checkpoints/0000600.pt --cache runs/cache-tiny
     # App. H: a new run at 512 px (25 epochs) from the 256 px weights, on the 512 px autoencoder
     torchrun --nproc_per_node=8 train_dit.py --preset paper --data /imagenet/train --ae runs/ae-512/ae.pt \
         --init-from runs/svg_xl/checkpoints/1501367.pt --out runs/svg_xl_512 --steps 125114
@@ -77,9 +77,9 @@ PRESETS = {
     # and the SiT is 128 wide; x_0 does not (README, tiny tier). loss_weight "x0", time_shift 8 (not in the
     # paper): the x_0 error weighted 1 / (1 + t^2) instead of 1 / t^2, at times shifted toward noise, where
     # the shapes are laid out; with the paper's weight and shift 2.5 the samples were judged right 73% of the
-    # time after 4000 steps, with these 97.5% (svg.flow_matching_loss); 6000 steps for a margin (89.5% after
-    # 4000 in one run). EMA 0.995 averages the last ~200 steps; the paper's 0.9999 would leave the EMA 55% at
-    # its initialisation after 6000 steps (0.9999^6000).
+    # time after 4000 steps, with these 97.5% (svg.flow_matching_loss). 6000 steps for a margin (89.5% after
+    # 4000 in a run on a longer stage 1). EMA 0.995 averages the last ~200 steps; the paper's 0.9999 would
+    # leave the EMA 55% at its initialisation after 6000 steps (0.9999^6000).
     "tiny": dict(model="SiT-tiny", data="synthetic", global_batch=32, lr=1e-3, steps=6000, ema_decay=0.995,
                  log_every=100, ckpt_every=1000, precision="fp32", num_workers=0, out="runs/dit_tiny", prediction="x",
                  loss_weight="x0", time_shift=8.0),
