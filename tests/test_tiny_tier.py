@@ -2,7 +2,7 @@
 cache, stage 2, then `eval.py shapes`).
 
 The end-to-end test is opt-in (SVG_SLOW_TESTS=1, a few minutes on the 2-core CPU): it trains for
-real, at about a third of the full tier's stage 1 and half its stage 2. Asserted: the judge knows
+real, at two thirds of the full tier's stage 1 and a third of its stage 2. Asserted: the judge knows
 real shapes; stage 1 draws them (its reconstructions are judged right, thanks to the decoder's
 patch shortcut); and the trained generator's samples are the requested class far more often than
 the untrained one's, and closer to real images (judge FD). The full tier reaches the issue's 90%
